@@ -1,0 +1,258 @@
+"""The ``medclass`` command line.
+
+``main(args=None)`` so that tests pass argument lists. A user mistake
+(:class:`~medclass.errors.MedClassError`) prints one line and exits 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from medclass.errors import MedClassError
+
+QUICKSTART_DIR = Path(os.environ.get("MEDCLASS_HOME", "runs")) / "quickstart"
+
+
+def _cmd_models(a) -> int:
+    from medclass.models import count_parameters, create_model, list_models, model_info
+
+    rows = []
+    for name in list_models(a.family):
+        info = model_info(name)
+        m = create_model(name, spatial_dims=2 if 2 in info.spatial_dims else 3)
+        rows.append({**info.as_dict(), "parameters": count_parameters(m)})
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<18}{'family':<12}{'dims':<7}{'params (2D)':>12}  description")
+    for r in rows:
+        dims = ",".join(f"{d}D" for d in r["spatial_dims"])
+        print(f"{r['name']:<18}{r['family']:<12}{dims:<7}{r['parameters']:>12,}  {r['description']}")
+    return 0
+
+
+def _cmd_datasets(a) -> int:
+    from medclass.data import list_datasets
+
+    rows = list_datasets()
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        if r["available"]:
+            print(f"{r['name']:<17}{r['n']:>6} images  {r['task']:<10} {', '.join(r['classes'])}")
+            print(f"{'':<17}{r['description']}")
+        else:
+            print(f"{r['name']:<17}not installed: {r['error']}")
+    print("\n--data also accepts: a folder with one sub-folder per class; a CSV manifest (path,label[,patient_id,"
+          "text,age,sex,laterality,view]); a MedMNIST .npz; a folder of DICOM files with labels.csv "
+          "(sop_uid|series_uid|study_uid|patient_id,label).")
+    return 0
+
+
+def _train_config(a):
+    from medclass.training import TrainConfig
+
+    return TrainConfig(
+        data=a.data, model=a.model, out=a.out, image_size=a.image_size, epochs=a.epochs,
+        batch_size=a.batch_size, lr=a.lr, patience=a.patience, device=a.device, seed=a.seed,
+        task=a.task, spatial_dims=a.spatial_dims, depth=a.depth, channels=a.channels, denoise=a.denoise,
+        enhance=a.enhance, crop_foreground=a.crop_foreground, augment=not a.no_augment,
+        channels_last=a.channels_last, compile=a.compile, max_minutes=a.max_minutes, limit=a.limit,
+        aggregation=a.aggregation, progress=not a.quiet,
+    )
+
+
+def _cmd_train(a) -> int:
+    from medclass.metrics import format_metrics
+    from medclass.training import train
+
+    res = train(_train_config(a))
+    if res.metrics:
+        print(format_metrics(res.metrics))
+        print(f"wrote {res.checkpoint} and {Path(a.out) / 'metrics.json'}")
+    return 0
+
+
+def _cmd_evaluate(a) -> int:
+    from medclass.evaluation import evaluate_checkpoint
+    from medclass.metrics import format_metrics
+
+    m = evaluate_checkpoint(a.checkpoint, a.data, a.out, a.split, a.device, a.bootstrap)
+    print(format_metrics(m))
+    print(f"wrote {Path(a.out) / 'metrics.json'} and plots")
+    return 0
+
+
+def _cmd_predict(a) -> int:
+    from medclass.inference import Classifier
+
+    clf = Classifier(a.checkpoint, a.device)
+    status = 0
+    for p in a.paths:
+        try:
+            pred = clf.predict([clf.read(p)])[0]
+            pred.path = str(p)
+            print(json.dumps(pred.as_dict()), flush=True)
+        except MedClassError as e:  # one bad file does not stop the others
+            print(json.dumps({"path": str(p), "error": str(e)}), flush=True)
+            print(f"medclass: error: {e}", file=sys.stderr)
+            status = 2
+    return status
+
+
+def _cmd_explain(a) -> int:
+    from medclass.explain import explain, save_overlay
+    from medclass.inference import Classifier
+
+    clf = Classifier(a.checkpoint, a.device)
+    img = clf.read(a.path)
+    ex = explain(clf, img, a.target)
+    save_overlay(ex, a.out, title=f"{Path(a.path).name} ({clf.loaded.name})")
+    print(f"wrote {a.out} ({ex.method} for class {ex.class_name!r})")
+    return 0
+
+
+def _cmd_export(a) -> int:
+    from medclass.export import export_checkpoint
+
+    out = export_checkpoint(a.checkpoint, a.format, a.out)
+    print(f"wrote {out} and {out}.json (the model card: preprocessing and class names)")
+    return 0
+
+
+def _cmd_quickstart(a) -> int:
+    from medclass.metrics import format_metrics
+    from medclass.training import TrainConfig, train
+
+    out = Path(a.out)
+    ckpt = out / "model.pt"
+    if ckpt.exists() and not a.retrain:
+        from medclass.evaluation import evaluate_checkpoint
+
+        print(f"using the existing model {ckpt} (pass --retrain to train a new one)")
+        m = evaluate_checkpoint(ckpt, "br35h", out / "evaluation", "test", a.device)
+    else:
+        print("training resnet18 on Br35H (3,000 brain MRI, tumour yes/no) at 64 px; a few minutes on 2 CPU cores")
+        cfg = TrainConfig(data="br35h", model="resnet18", out=str(out), image_size=64, epochs=a.epochs,
+                          batch_size=64, device=a.device, seed=0, progress=not a.quiet)
+        m = train(cfg).metrics
+    print(format_metrics(m))
+    print(f"""
+The model is {ckpt}. Next:
+  medclass predict --checkpoint {ckpt} IMAGE.jpg|.dcm|.nii.gz ...
+  medclass explain --checkpoint {ckpt} IMAGE --out heatmap.png
+  medclass evaluate --checkpoint {ckpt} --data br35h --out {out / 'evaluation'}
+  medclass train --data DIR|manifest.csv|file.npz --model NAME --out runs/mine   (medclass models, medclass datasets)""")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medclass", description="Medical image classification: train, evaluate, "
+                                "predict, explain and export the shared model zoo.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more (and show tracebacks)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("models", help="list the registered models")
+    s.add_argument("--family", choices=["cnn", "rnn", "attention", "crossmodal", "classic"])
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_models)
+
+    s = sub.add_parser("datasets", help="list the datasets usable offline")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_datasets)
+
+    s = sub.add_parser("train", help="train a model and write DIR/model.pt and DIR/metrics.json")
+    s.add_argument("--data", required=True, help="built-in name, class folder, CSV manifest, .npz or DICOM folder")
+    s.add_argument("--model", default="resnet18", help="a name from 'medclass models'")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--patience", type=int, default=3, help="early stopping: epochs without val improvement")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--seed", type=int, default=0, help="seeds the split and the training")
+    s.add_argument("--task", choices=["auto", "binary", "multiclass", "multilabel", "ordinal"], default="auto")
+    s.add_argument("--spatial-dims", type=int, choices=[2, 3], default=2)
+    s.add_argument("--depth", type=int, default=16, help="slices of a 3D input")
+    s.add_argument("--channels", type=int, choices=[1, 3], default=1)
+    s.add_argument("--denoise", choices=["median", "gaussian"])
+    s.add_argument("--enhance", choices=["histeq", "clahe"])
+    s.add_argument("--crop-foreground", action="store_true")
+    s.add_argument("--no-augment", action="store_true")
+    s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory layout (default: on for 2D CNNs)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the model")
+    s.add_argument("--max-minutes", type=float, help="stop training after this long, keeping the best epoch")
+    s.add_argument("--limit", type=int, help="train on only this many images (smoke tests)")
+    s.add_argument("--aggregation", choices=["mean", "max"], default="mean",
+                   help="how a study's images combine into one result")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("evaluate", help="metrics, confidence intervals and plots on a dataset")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--data", help="defaults to the dataset recorded in the checkpoint")
+    s.add_argument("--split", default="test", choices=["test", "val", "all"],
+                   help="test/val: the held-out split recorded in the checkpoint")
+    s.add_argument("--out", required=True)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    s.set_defaults(fn=_cmd_evaluate)
+
+    s = sub.add_parser("predict", help="classify files; one JSON object per line")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--device", default="auto")
+    s.add_argument("paths", nargs="+")
+    s.set_defaults(fn=_cmd_predict)
+
+    s = sub.add_parser("explain", help="write a Grad-CAM / attention overlay PNG")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--target", help="class to explain (default: predicted; binary: the positive class)")
+    s.add_argument("path")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=_cmd_explain)
+
+    s = sub.add_parser("export", help="export to TorchScript or ONNX")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=_cmd_export)
+
+    s = sub.add_parser("quickstart", help="train (once) and evaluate the default model on Br35H")
+    s.add_argument("--out", default=str(QUICKSTART_DIR))
+    s.add_argument("--epochs", type=int, default=4)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--retrain", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_quickstart)
+    return p
+
+
+def main(args: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(args)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("matplotlib", "PIL", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return a.fn(a)
+    except MedClassError as e:
+        if a.verbose:
+            raise
+        print(f"medclass: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medclass: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

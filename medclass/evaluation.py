@@ -1,0 +1,62 @@
+"""Evaluate a checkpoint on a dataset, by default on the held-out split it records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from medclass.checkpoint import load_checkpoint
+from medclass.data import load_dataset, materialize
+from medclass.errors import MedClassError
+from medclass.inference import forward_probabilities
+
+SPLITS = ("test", "val", "all")
+
+
+def select_split(card: dict[str, Any], ds, split: str) -> list[int]:
+    """Indices of ``ds`` in ``split`` as recorded in the model card."""
+    if split == "all":
+        return list(range(len(ds)))
+    if split not in SPLITS:
+        raise MedClassError(f"unknown split {split!r}", f"use one of {', '.join(SPLITS)}")
+    data = card.get("data", {})
+    keys = data.get(f"{split}_keys")
+    if keys is None:
+        raise MedClassError(f"the checkpoint records no {split} split", "use --split all")
+    if data.get("fingerprint") and data["fingerprint"] != ds.fingerprint:
+        raise MedClassError(
+            f"--data {ds.name} is not the dataset this model was trained on (fingerprint {ds.fingerprint}, "
+            f"card {data['fingerprint']}); its {split} split cannot be reproduced",
+            "use --split all to evaluate on every image of this dataset")
+    where = {s.key: i for i, s in enumerate(ds.samples)}
+    missing = [k for k in keys if k not in where]
+    if missing:
+        raise MedClassError(f"{len(missing)} image(s) of the recorded {split} split are missing, e.g. {missing[0]}",
+                            "use --split all")
+    return [where[k] for k in keys]
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | None, out: str | Path, split: str = "test",
+                        device: str = "auto", n_boot: int = 1000) -> dict[str, Any]:
+    """Write ``out/metrics.json`` and the ROC, confusion and reliability plots."""
+    from medclass.metrics import evaluation_report
+
+    loaded = load_checkpoint(checkpoint, device)
+    card = loaded.card
+    data = data or card.get("data", {}).get("spec")
+    if not data:
+        raise MedClassError("no --data given and the checkpoint records none", "pass --data")
+    ds = load_dataset(data, card["task"]["type"])
+    if ds.task.classes != loaded.task.classes:
+        raise MedClassError(f"the dataset's classes {ds.task.classes} differ from the model's {loaded.task.classes}",
+                            "evaluate on data labelled with the model's classes")
+    idx = select_split(card, ds, split)
+    ts = materialize(ds, idx, loaded.preprocess_spec, multimodal=loaded.family == "crossmodal")
+    probs = forward_probabilities(loaded, ts.x, ts.extra())
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = evaluation_report(loaded.task.type, ts.y.numpy(), probs, loaded.task.classes, out, n_boot=n_boot)
+    metrics.update(split=split, data=data, checkpoint=str(checkpoint), model=loaded.name, skipped=ts.skipped)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,127 @@
+"""Why did the model say that? Grad-CAM for CNNs, attention maps for attention models.
+
+The heat map comes back at the size of the preprocessed input and, with
+:func:`to_image_space`, at the size of the original image, so that the Slicer
+module can show it aligned with the volume and the CLI can overlay it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medclass.errors import MedClassError
+from medclass.inference import Classifier
+
+
+@dataclass
+class Explanation:
+    """A heat map in [0, 1] and what it explains."""
+
+    heatmap: np.ndarray  # (H, W) or (D, H, W), preprocessed input size
+    input: np.ndarray  # the preprocessed image, (C, H, W) or (C, D, H, W)
+    class_name: str
+    method: str  # "gradcam" | "attention"
+
+
+def target_index(classifier: Classifier, probs: np.ndarray, class_name: str | None) -> tuple[int, str]:
+    """Which logit to explain: the named class, else the predicted (binary: positive) one."""
+    task = classifier.task
+    if class_name is not None:
+        if class_name not in task.classes:
+            raise MedClassError(f"unknown class {class_name!r}", f"choose one of {', '.join(task.classes)}")
+        k = task.classes.index(class_name)
+    elif task.type == "binary":
+        k = 1
+    elif task.type == "multilabel":
+        k = int(np.argmax(probs))
+    else:
+        k = int(np.argmax(probs))
+    name = task.classes[k]
+    if task.type == "ordinal":  # logit j is "grade > j": explain the evidence for reaching grade k
+        k = max(0, k - 1)
+    return k, name
+
+
+def explain(classifier: Classifier, image, class_name: str | None = None) -> Explanation:
+    """Heat map for one :class:`~medclass.io.ImageData`.
+
+    Grad-CAM (MONAI's implementation) on the model's ``cam_layer``; models
+    without one (ViT, attention-MIL) return their own attention map.
+    """
+    loaded = classifier.loaded
+    if not loaded.is_torch:
+        raise MedClassError(f"{loaded.name} is a classic feature model and has no heat map",
+                            "explain a CNN or attention model instead")
+    model = loaded.model
+    x = classifier.preprocess(image)[None].to(loaded.device)
+    extra = classifier.extra_inputs([image.meta])
+    extra = {k: v.to(loaded.device) for k, v in (extra or {}).items()}
+    with torch.no_grad():
+        probs = loaded.task.probabilities(model(x, **extra)).cpu().numpy()[0]
+    k, name = target_index(classifier, probs, class_name)
+    if getattr(model, "cam_layer", None):
+        from monai.visualize import GradCAM
+
+        cam = GradCAM(nn_module=model, target_layers=model.cam_layer)
+        with torch.enable_grad():
+            heat = cam(x, class_idx=k, **extra)[0, 0].detach().float().cpu().numpy()
+        method = "gradcam"
+    elif hasattr(model, "attention_map"):
+        with torch.no_grad():
+            heat = model.attention_map(x)[0].float().cpu().numpy()
+        method = "attention"
+    else:
+        raise MedClassError(f"{loaded.name} has neither a Grad-CAM layer nor an attention map",
+                            "register a cam_layer for it")
+    heat = heat - heat.min()
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    return Explanation(heat.astype(np.float32), x[0].cpu().numpy(), name, method)
+
+
+def to_image_space(heatmap: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    """Resize a heat map to the original image's spatial shape (H, W) or (D, H, W).
+
+    Exact when the preprocessing is a plain resize (no foreground crop), which
+    is the default.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(heatmap))[None, None].float()
+    mode = "bilinear" if t.dim() == 4 else "trilinear"
+    if t.dim() - 2 != len(spatial_shape):
+        raise ValueError(f"heat map of shape {heatmap.shape} cannot be resized to {spatial_shape}")
+    return F.interpolate(t, size=tuple(spatial_shape), mode=mode, align_corners=False)[0, 0].numpy()
+
+
+def save_overlay(explanation: Explanation, path: str | Path, title: str | None = None) -> Path:
+    """Write the input in grey with the heat map in colour over it, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img, heat = explanation.input, explanation.heatmap
+    if heat.ndim == 3:  # a volume: show its middle slice
+        mid = heat.shape[0] // 2
+        heat, img = heat[mid], img[:, mid]
+    base = img.mean(axis=0) if img.shape[0] != 3 else np.moveaxis(img, 0, -1)
+    base = (base - base.min()) / (np.ptp(base) or 1.0)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2), dpi=100)
+    for ax in axes:
+        ax.imshow(base, cmap="gray" if base.ndim == 2 else None)
+        ax.axis("off")
+    im = axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    axes[0].set_title("input")
+    axes[1].set_title(f"{explanation.method}: {explanation.class_name}")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,133 @@
+"""Inference shared by every front door: checkpoint in, probabilities out.
+
+``Classifier`` wraps a loaded checkpoint. The CLI's ``predict``, the DICOM node,
+the MONAI Label infer task and the Slicer logic all call it, so preprocessing
+and post-processing are written once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from medclass.checkpoint import LoadedModel, load_checkpoint
+
+
+@dataclass
+class Prediction:
+    """The result for one image."""
+
+    path: str | None
+    label: str | list[str]
+    probabilities: dict[str, float]
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "label": self.label, "probabilities": self.probabilities}
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on GPU; a no-op on CPU, where it does not pay."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def forward_probabilities(
+    loaded: LoadedModel, x: torch.Tensor, extra: dict[str, torch.Tensor] | None = None, batch_size: int = 64
+) -> np.ndarray:
+    """Class probabilities ``(N, K)`` of preprocessed images ``x``."""
+    if not loaded.is_torch:
+        return np.asarray(loaded.model.predict_proba(x.numpy()), dtype=np.float64)
+    out = []
+    model, dev = loaded.model, loaded.device
+    with torch.inference_mode(), autocast(dev):
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].to(dev, non_blocking=True)
+            eb = {k: v[i : i + batch_size].to(dev) for k, v in (extra or {}).items()}
+            out.append(loaded.task.probabilities(model(xb, **eb)).float().cpu())
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+class Classifier:
+    """A checkpoint ready to classify images.
+
+    Parameters
+    ----------
+    checkpoint : str or Path or LoadedModel
+        A ``model.pt`` written by ``medclass train``, or an already loaded model.
+    device : str
+        ``auto`` (GPU when present), ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, checkpoint: str | Path | LoadedModel, device: str = "auto") -> None:
+        self.loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint, device)
+        self.task = self.loaded.task
+        self.classes = self.task.classes
+
+    @property
+    def card(self) -> dict[str, Any]:
+        return self.loaded.card
+
+    def preprocess(self, image) -> torch.Tensor:
+        """The checkpoint's own preprocessing of one :class:`~medclass.io.ImageData`."""
+        from medclass.transforms import preprocess
+
+        return preprocess(image, self.loaded.preprocess_spec)
+
+    def extra_inputs(self, metas: list[dict[str, Any]], texts: list[str | None] | None = None):
+        """Tabular (from the DICOM header) and text inputs for a cross-modal model."""
+        if self.loaded.family != "crossmodal":
+            return None
+        from medclass.multimodal import encode_tabular, tokenize
+
+        return {"text": tokenize(texts or [None] * len(metas)), "tabular": encode_tabular(metas)}
+
+    def probabilities(self, images: list, texts: list[str | None] | None = None) -> np.ndarray:
+        """Probabilities ``(N, K)`` for :class:`~medclass.io.ImageData` objects."""
+        x = torch.stack([self.preprocess(im) for im in images])
+        return forward_probabilities(self.loaded, x, self.extra_inputs([im.meta for im in images], texts))
+
+    def predict(self, images: list, texts: list[str | None] | None = None) -> list[Prediction]:
+        """One :class:`Prediction` per image."""
+        probs = self.probabilities(images, texts)
+        return [self._prediction(im.meta.get("path"), p, im.meta) for im, p in zip(images, probs)]
+
+    def read(self, path: str | Path):
+        """Read an image the way this model expects it (see :func:`medclass.io.read_image`).
+
+        A model with its own window reads DICOM without the header's VOI LUT.
+        """
+        from medclass.io import read_image
+
+        return read_image(path, apply_voi=not self.loaded.preprocess_spec.get("window"))
+
+    def predict_paths(self, paths: Iterable[str | Path]) -> list[Prediction]:
+        """Read and classify files (any format :func:`medclass.io.read_image` reads)."""
+        return self.predict([self.read(p) for p in paths])
+
+    def aggregate(self, probs: np.ndarray) -> np.ndarray:
+        """Combine image probabilities ``(N, K)`` into one study-level row.
+
+        ``mean`` averages; ``max`` takes, per class, the most suspicious image
+        (e.g. one view of four showing a lesion), then renormalises for
+        single-label tasks.
+        """
+        how = self.card.get("aggregation", "mean")
+        row = probs.max(axis=0) if how == "max" else probs.mean(axis=0)
+        if how == "max" and self.task.type != "multilabel":
+            row = row / row.sum()
+        return row
+
+    def _prediction(self, path, probs_row: np.ndarray, meta=None) -> Prediction:
+        return Prediction(
+            None if path is None else str(path),
+            self.task.label_names(probs_row),
+            {c: round(float(p), 6) for c, p in zip(self.classes, probs_row)},
+            meta or {},
+        )
