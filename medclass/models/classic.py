@@ -12,10 +12,10 @@ import pickle
 import numpy as np
 from skimage.feature import hog
 from skimage.transform import resize
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.calibration import CalibratedClassifierCV
 from sklearn.svm import SVC
 
 from medclass.errors import MedClassError
