@@ -64,13 +64,13 @@ def explain(classifier: Classifier, image, class_name: str | None = None) -> Exp
     with torch.no_grad():
         probs = loaded.task.probabilities(model(x, **extra)).cpu().numpy()[0]
     k, name = target_index(classifier, probs, class_name)
-    if getattr(model, "cam_layer", None):
+    method = model.explanation_method(x) if hasattr(model, "explanation_method") else "gradcam"
+    if method == "gradcam" and getattr(model, "cam_layer", None):
         from monai.visualize import GradCAM
 
         cam = GradCAM(nn_module=model, target_layers=model.cam_layer)
         with torch.enable_grad():
             heat = cam(x, class_idx=k, **extra)[0, 0].detach().float().cpu().numpy()
-        method = "gradcam"
     elif hasattr(model, "attention_map"):
         with torch.no_grad():
             heat = model.attention_map(x)[0].float().cpu().numpy()
@@ -98,10 +98,10 @@ def to_image_space(heatmap: np.ndarray, spatial_shape: tuple[int, ...]) -> np.nd
 
 def save_overlay(explanation: Explanation, path: str | Path, title: str | None = None) -> Path:
     """Write the input in grey with the heat map in colour over it, as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # An Agg canvas of our own: switching matplotlib's global backend would
+    # disturb a host application's GUI (Slicer runs Qt).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     img, heat = explanation.input, explanation.heatmap
     if heat.ndim == 3:  # a volume: show its middle slice
@@ -109,7 +109,9 @@ def save_overlay(explanation: Explanation, path: str | Path, title: str | None =
         heat, img = heat[mid], img[:, mid]
     base = img.mean(axis=0) if img.shape[0] != 3 else np.moveaxis(img, 0, -1)
     base = (base - base.min()) / (np.ptp(base) or 1.0)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2), dpi=100)
+    fig = Figure(figsize=(8, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     for ax in axes:
         ax.imshow(base, cmap="gray" if base.ndim == 2 else None)
         ax.axis("off")
@@ -123,5 +125,4 @@ def save_overlay(explanation: Explanation, path: str | Path, title: str | None =
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from medclass.errors import MedClassError
+from medclass.tasks import TASK_TYPES
 
-TASK_TYPES = ("binary", "multiclass", "multilabel", "ordinal")
 N_ECE_BINS = 15
 DEFAULT_CI_KEYS = ("auc", "accuracy", "sensitivity", "specificity", "f1")
 # Bound the (resamples x samples) work arrays to roughly this many elements per chunk.

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from medclass import __version__
 from medclass.checkpoint import LoadedModel, make_card, resolve_device, save_checkpoint
 from medclass.data import LabelledSet, TensorSet, load_dataset, materialize, split_samples
 from medclass.errors import MedClassError
@@ -325,4 +324,4 @@ def config_from_card(card: dict[str, Any]) -> dict[str, Any]:
     return dict(card.get("training", {}).get("config", {}))
 
 
-__all__ = ["TrainConfig", "TrainResult", "augment_batch", "train", "config_from_card", "__version__"]
+__all__ = ["TrainConfig", "TrainResult", "augment_batch", "config_from_card", "train"]

@@ -86,8 +86,9 @@ def _pneumonia_file():
     return load_dataset("chest-pneumonia").samples[0].path
 
 
-def test_3d_model_on_real_mr_volumes(tmp_path):
-    """A 3D CNN on multi-frame MR (real pixels; the labels exercise the mechanics)."""
+@pytest.mark.parametrize("model, method", [("resnet18", "gradcam"), ("cnn-gru", "attention")])
+def test_3d_model_on_real_mr_volumes(tmp_path, model, method):
+    """3D models on multi-frame MR (real pixels; the labels exercise the mechanics)."""
     import shutil
 
     from pydicom.data import get_testdata_file
@@ -98,7 +99,7 @@ def test_3d_model_on_real_mr_volumes(tmp_path):
         d = tmp_path / "vols" / ("a" if i % 2 else "b")
         d.mkdir(parents=True, exist_ok=True)
         shutil.copy(get_testdata_file(n), d / n)
-    out = _train(tmp_path, "--data", str(tmp_path / "vols"), "--model", "resnet18", "--spatial-dims", "3",
+    out = _train(tmp_path, "--data", str(tmp_path / "vols"), "--model", model, "--spatial-dims", "3",
                  "--depth", "8", "--image-size", "32")
     clf = Classifier(out / "model.pt", "cpu")
     img = clf.read(get_testdata_file("emri_small.dcm"))
@@ -106,7 +107,7 @@ def test_3d_model_on_real_mr_volumes(tmp_path):
     from medclass.explain import explain, to_image_space
 
     ex = explain(clf, img)
-    assert ex.heatmap.shape == (8, 32, 32)
+    assert ex.method == method and ex.heatmap.shape == (8, 32, 32)
     assert to_image_space(ex.heatmap, img.array.shape[1:]).shape == (10, 64, 64)
 
 

@@ -158,3 +158,7 @@ class ClassifierModule(nn.Module):
 
     def forward(self, x, **extra):
         return self.head(self.forward_features(x, **extra))
+
+    def explanation_method(self, x) -> str:
+        """``"gradcam"`` (on ``cam_layer``) or ``"attention"`` (``attention_map``) for input ``x``."""
+        return "gradcam" if self.cam_layer else "attention"

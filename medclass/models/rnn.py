@@ -100,6 +100,20 @@ class SequenceRNN(ClassifierModule):
         self.last_attention = weights.detach()
         return self.dropout((weights.unsqueeze(-1) * out).sum(dim=1))
 
+    def explanation_method(self, x: torch.Tensor) -> str:
+        # Grad-CAM needs one feature map per image; a volume is encoded slice by
+        # slice, so there the slice attention is the explanation.
+        return "attention" if x.dim() == 5 else "gradcam"
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Slice weights painted over each slice, ``(B, S, H, W)`` in [0, 1] (3D input)."""
+        if x.dim() != 5:
+            raise ValueError("attention_map of a CNN-RNN is per slice: pass a (B, C, S, H, W) volume")
+        self.forward_features(x)
+        a = self.last_attention
+        a = a / a.amax(dim=1, keepdim=True).clamp(min=1e-12)
+        return a[:, :, None, None].expand(-1, -1, x.shape[3], x.shape[4])
+
 
 @register_model("cnn-gru", "rnn", input_kind="sequence",
                 description="2D CNN per slice/frame/view + bidirectional GRU, attention pooling")
