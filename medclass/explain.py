@@ -68,7 +68,9 @@ def explain(classifier: Classifier, image, class_name: str | None = None) -> Exp
     if method == "gradcam" and getattr(model, "cam_layer", None):
         from monai.visualize import GradCAM
 
-        cam = GradCAM(nn_module=model, target_layers=model.cam_layer)
+        # MONAI's default post-processing rescales to [1, 0], i.e. *inverts* the
+        # map; keep the raw (ReLU'd, upsampled) CAM and normalise it below.
+        cam = GradCAM(nn_module=model, target_layers=model.cam_layer, postprocessing=lambda a: a)
         with torch.enable_grad():
             heat = cam(x, class_idx=k, **extra)[0, 0].detach().float().cpu().numpy()
     elif hasattr(model, "attention_map"):

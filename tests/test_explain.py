@@ -1,0 +1,45 @@
+"""Grad-CAM must point at the evidence. A hand-built model whose 'positive' logit
+is the mean brightness makes the right answer known: the bright square."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from medclass.checkpoint import LoadedModel
+from medclass.explain import explain
+from medclass.inference import Classifier
+from medclass.io import ImageData
+from medclass.models import ClassifierModule
+from medclass.tasks import Task
+from medclass.transforms import DEFAULT_SPEC
+
+
+class Brightness(ClassifierModule):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 1)
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0)
+            self.conv.bias.zero_()
+            self.head.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+            self.head.bias.zero_()
+        self.cam_layer = "conv"
+
+    def forward_features(self, x, **extra):
+        return torch.relu(self.conv(x)).mean(dim=(2, 3))
+
+
+def test_gradcam_peaks_on_the_evidence_not_away_from_it():
+    card = {"model": {"name": "brightness", "family": "cnn"}, "preprocess": {**DEFAULT_SPEC, "image_size": 32},
+            "task": {"type": "binary", "classes": ["dark", "bright"]}}
+    clf = Classifier(LoadedModel(Brightness().eval(), card, Task("binary", ["dark", "bright"]), torch.device("cpu")))
+    img = np.full((1, 64, 64), 0.1, dtype=np.float32)
+    img[0, 40:56, 8:24] = 1.0  # a bright square, bottom left
+    ex = explain(clf, ImageData(img, {"path": None}))
+    assert ex.class_name == "bright" and ex.method == "gradcam"
+    peak = np.unravel_index(np.argmax(ex.heatmap), ex.heatmap.shape)
+    assert 20 <= peak[0] < 28 and 4 <= peak[1] < 12, peak  # inside the square (at 32 px)
+    assert ex.heatmap[:10, 20:].max() < 0.5  # far from it: cold
