@@ -77,6 +77,41 @@ def test_predict_prints_json_lines_for_jpeg_and_dicom(trained, br35h_dir, mammog
         assert x["label"] == max(x["probabilities"], key=x["probabilities"].get)
 
 
+# One real file per transfer syntax / pixel format the README promises.
+DICOM_ZOO = {
+    "JPEG 2000": "JPEG2000.dcm",
+    "JPEG baseline": "SC_rgb_jpeg_dcmtk.dcm",
+    "JPEG extended 12-bit": "JPGExtended.dcm",
+    "JPEG lossless": "JPGLosslessP14SV1_1s_1f_8b.dcm",
+    "JPEG-LS": "MR_small_jpeg_ls_lossless.dcm",
+    "RLE": "MR_small_RLE.dcm",
+    "deflate": "image_dfl.dcm",
+    "MONOCHROME1 CR chest": "RG1_UNCR.dcm",
+    "palette colour": "OBXXXX1A.dcm",
+    "multi-frame": "emri_small.dcm",
+    "16-bit with window": "CT_small.dcm",
+    "VOI LUT": "vlut_04.dcm",
+}
+
+
+def test_predict_reads_every_promised_dicom_kind(trained, capsys):
+    from pydicom.data import get_testdata_file
+
+    paths = [get_testdata_file(n) for n in DICOM_ZOO.values()]
+    assert main(["predict", "--checkpoint", str(trained / "model.pt"), *paths]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(lines) == len(paths) and all("probabilities" in x for x in lines)
+
+
+def test_one_bad_file_does_not_stop_the_others(trained, tmp_path, br35h_dir, capsys):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\0" * 200)
+    good = str(sorted((br35h_dir / "no").glob("*.jpg"))[0])
+    assert main(["predict", "--checkpoint", str(trained / "model.pt"), str(bad), good]) == 2
+    out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert "error" in out[0] and out[1]["path"] == good and "probabilities" in out[1]
+
+
 def test_explain_writes_an_overlay(trained, br35h_dir, tmp_path):
     out = tmp_path / "cam.png"
     img = sorted((br35h_dir / "yes").glob("*.jpg"))[3]
@@ -120,7 +155,8 @@ def test_export_matches_the_checkpoint(trained, tmp_path, fmt):
     assert json.loads(Path(str(out) + ".json").read_text())["task"]["type"] == "binary"
 
 
-@pytest.mark.parametrize("case", ["missing", "random", "truncated", "not-a-checkpoint", "unknown-model", "empty"])
+@pytest.mark.parametrize("case", ["missing", "random", "truncated", "not-a-checkpoint", "unknown-model", "empty",
+                                  "manifest"])
 def test_bad_input_gets_one_line_and_nonzero_exit(case, trained, tmp_path, mammogram_paths):
     ckpt = str(trained / "model.pt")
     if case == "missing":
@@ -137,9 +173,12 @@ def test_bad_input_gets_one_line_and_nonzero_exit(case, trained, tmp_path, mammo
         args = ["predict", "--checkpoint", str(tmp_path / "m.pt"), str(mammogram_paths[0])]
     elif case == "unknown-model":
         args = ["train", "--data", "chest-pneumonia", "--model", "resnet19", "--out", str(tmp_path / "o")]
-    else:
+    elif case == "empty":
         (tmp_path / "empty").mkdir()
         args = ["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]
+    else:
+        (tmp_path / "m.csv").write_text("path,label\nscans/a.dcm,benign\nscans/b.dcm,malignant\n")
+        args = ["train", "--data", str(tmp_path / "m.csv"), "--out", str(tmp_path / "o")]
     r = run_cli(*args)
     assert r.returncode != 0
     err = [line for line in r.stderr.splitlines() if line.startswith("medclass: error")]
