@@ -26,15 +26,15 @@ from common import write_result  # noqa: E402
 DEFAULT = [
     "resnet18:64:4",  # the quickstart model
     "hog-svm:64:0",
+    "resnet18:128:10",  # the candidate for the best AUC
     "hog-rf:64:0",
-    "efficientnet-b0:64:8",
-    "densenet121:64:6",
-    "cnn-gru:64:8",
-    "cbam-resnet18:64:8",
-    "attention-mil:64:8",
-    "vit:64:12",
-    "fusion-resnet18:64:8",
-    "resnet18:128:12",
+    "cnn-gru:64:6",
+    "attention-mil:64:6",
+    "cbam-resnet18:64:6",
+    "vit:64:10",
+    "fusion-resnet18:64:4",
+    "efficientnet-b0:64:5",
+    "densenet121:64:4",
 ]
 
 

@@ -32,7 +32,8 @@ def _cmd_models(a) -> int:
     print(f"{'name':<18}{'family':<12}{'dims':<7}{'params (2D)':>12}  description")
     for r in rows:
         dims = ",".join(f"{d}D" for d in r["spatial_dims"])
-        print(f"{r['name']:<18}{r['family']:<12}{dims:<7}{r['parameters']:>12,}  {r['description']}")
+        params = f"{r['parameters']:,}" if r["family"] != "classic" else "-"
+        print(f"{r['name']:<18}{r['family']:<12}{dims:<7}{params:>12}  {r['description']}")
     return 0
 
 
