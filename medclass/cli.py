@@ -153,6 +153,12 @@ The model is {ckpt}. Next:
     return 0
 
 
+def _cmd_node(a) -> int:
+    from dicom_node.cli import main as node_main
+
+    return node_main(a.node_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medclass", description="Medical image classification: train, evaluate, "
                                 "predict, explain and export the shared model zoo.")
@@ -234,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--retrain", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=_cmd_quickstart)
+
+    # The node parses its own flags (dicom_node.cli); '+' as prefix lets every flag through.
+    s = sub.add_parser("node", help="run the DICOM triage node ('medclass node --help'; 'medclass node status')",
+                       add_help=False, prefix_chars="+")
+    s.add_argument("node_args", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=_cmd_node)
     return p
 
 

@@ -1,0 +1,18 @@
+"""The SlicerMedClass DICOM node: receive studies, classify them, return a coded SR, route them.
+
+``medclass node`` runs it (see ``dicom_node/README.md``). The pieces, in the order an
+instance meets them:
+
+- :mod:`dicom_node.scp` — C-ECHO and C-STORE service class provider (pynetdicom);
+- :mod:`dicom_node.spool` — durable instance store and the node's SQLite job database;
+- :mod:`dicom_node.assembler` — a study is complete when nothing arrived for ``stable_seconds``;
+- :mod:`dicom_node.selector` — series selection rules pick the model(s);
+- :mod:`dicom_node.worker` — batched inference off the association threads;
+- :mod:`dicom_node.sender` — C-STORE of the SR and forwarded studies, with retries;
+- :mod:`dicom_node.router` — triage rules (``malignant >= 0.8`` → forward to ``URGENT``);
+- :mod:`dicom_node.status` and :mod:`dicom_node.metrics` — what the administrator sees.
+"""
+
+from dicom_node.config import NodeConfig, load_config
+
+__all__ = ["NodeConfig", "load_config"]

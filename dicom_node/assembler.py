@@ -1,0 +1,57 @@
+"""Study assembly: a study is complete when nothing has arrived for ``stable_seconds``.
+
+DICOM has no "end of study" message, so the node waits, like Orthanc's
+``StableAge``. The state lives in the ``studies`` table, so a restart picks up
+where the node stopped: ``receiving`` → ``ready`` (stable) → ``classifying`` →
+``classified`` (or ``skipped`` / ``failed``). A new instance for a study in any
+state sends it back to ``receiving``; its next result is a new revision.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from dicom_node.spool import JobDatabase
+
+log = logging.getLogger("dicom_node.assembler")
+
+
+class StudyAssembler:
+    """Mark studies stable.
+
+    Parameters
+    ----------
+    db : JobDatabase
+    stable_seconds : float
+        Quiet time after the last instance before a study counts as complete.
+    """
+
+    def __init__(self, db: JobDatabase, stable_seconds: float) -> None:
+        self.db = db
+        self.stable_seconds = float(stable_seconds)
+
+    def recover(self) -> int:
+        """After a restart: studies caught mid-classification are classified again."""
+        n = self.db.execute("UPDATE studies SET state='ready' WHERE state='classifying'")
+        if n:
+            log.info("%d studies were being classified when the node stopped; classifying them again", n)
+        return n
+
+    def poll(self, now: float | None = None) -> list[str]:
+        """Mark every study quiet for ``stable_seconds`` as ready; return their UIDs."""
+        now = time.time() if now is None else now
+        cutoff = now - self.stable_seconds
+        with self.db.connect() as c:
+            rows = c.execute("SELECT study_uid FROM studies WHERE state='receiving' AND last_received <= ?",
+                             (cutoff,)).fetchall()
+            ready = []
+            for r in rows:
+                # The condition again, in the same transaction: an instance stored since the
+                # SELECT keeps the study open.
+                if c.execute("UPDATE studies SET state='ready', stable=? WHERE study_uid=? AND state='receiving' "
+                             "AND last_received <= ?", (now, r["study_uid"], cutoff)).rowcount:
+                    ready.append(r["study_uid"])
+        for uid in ready:
+            log.debug("study %s is stable", uid)
+        return ready

@@ -1,0 +1,89 @@
+"""``medclass node`` (run the node) and ``medclass node status``.
+
+``main(argv)`` so that tests pass argument lists; ``medclass.cli`` delegates here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+
+from medclass.errors import MedClassError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medclass node", description="DICOM triage node: receive studies by C-STORE, "
+                                "classify them, send a coded SR back, forward by result. 'medclass node status' "
+                                "shows recent studies.")
+    p.add_argument("--config", help="node.toml (flags override it)")
+    p.add_argument("--ae-title")
+    p.add_argument("--port", type=int)
+    p.add_argument("--bind", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--checkpoint", help="model for every image series (default: the quickstart model)")
+    p.add_argument("--return-to", help="where the SR goes: AET@HOST:PORT")
+    p.add_argument("--stable-seconds", type=float, help="a study is complete after this long without instances")
+    p.add_argument("--data-dir", help="spool, quarantine, outbox and node.db (default ./medclass-node)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: off)")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def status_main(argv: list[str]) -> int:
+    from dicom_node.config import load_config
+    from dicom_node.status import format_table, study_rows
+
+    p = argparse.ArgumentParser(prog="medclass node status", description="recent studies of a node")
+    p.add_argument("--config")
+    p.add_argument("--data-dir")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, data_dir=a.data_dir)
+    rows = study_rows(cfg.data_dir, a.limit)
+    print(json.dumps(rows, indent=2) if a.json else format_table(rows))
+    return 0
+
+
+def run_main(argv: list[str]) -> int:
+    from dicom_node.config import load_config
+    from dicom_node.node import DicomNode
+
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not a.verbose:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    cfg = load_config(a.config, ae_title=a.ae_title, port=a.port, bind=a.bind, checkpoint=a.checkpoint,
+                      return_to=a.return_to, stable_seconds=a.stable_seconds, data_dir=a.data_dir,
+                      metrics_port=a.metrics_port, device=a.device)
+    if not cfg.checkpoint and not cfg.routes:
+        raise MedClassError("no model to classify with", "pass --checkpoint model.pt or run 'medclass quickstart'")
+    node = DicomNode(cfg).start()
+    # SIGTERM (systemd, docker stop) ends the node like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: node._stop.set())
+    print(f"medclass node {cfg.ae_title} on port {node.port}, data in {cfg.data_dir}"
+          + (f", SR to {cfg.return_to}" if cfg.return_to else ", no --return-to: SRs stay in the outbox")
+          + (f", metrics on :{node.metrics_port}/metrics" if node.metrics_port else ""), flush=True)
+    node.wait()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "status":
+            return status_main(argv[1:])
+        return run_main(argv)
+    except MedClassError as e:
+        print(f"medclass node: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Node configuration: embedded defaults, then ``node.toml``, then command-line flags.
+
+A ``node.toml`` (every key optional)::
+
+    ae_title = "MEDCLASS"
+    port = 11112
+    bind = "0.0.0.0"
+    data_dir = "/var/lib/medclass-node"
+    checkpoint = "/models/chest.pt"          # default model for every image series
+    return_to = "ORTHANC@pacs.example.org:4242"
+    stable_seconds = 10
+    metrics_port = 9110                        # 0: no /metrics endpoint
+
+    [[allow]]                                  # no [[allow]]: any calling AE is accepted
+    ae_title = "ORTHANC"
+    host = "10.0.0.5"                          # optional
+
+    [[routes]]                                 # series selection; first match wins
+    modality = "MG"
+    checkpoint = "/models/breast.pt"
+    [[routes]]
+    series_description = "(?i)chest"
+    checkpoint = "/models/chest.pt"
+
+    [[forward]]                                # triage: forward the study by result
+    when = "malignant >= 0.8"
+    to = "URGENT@10.0.0.9:104"
+    priority = "high"
+
+    [tls]                                      # optional
+    cert = "node.crt"
+    key = "node.key"
+    ca = "ca.crt"                              # optional: require client certificates
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from medclass.errors import MedClassError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+_AE_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM application entity to send to: ``AET@HOST:PORT``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, what: str = "destination") -> Destination:
+        """Parse ``AET@HOST:PORT``.
+
+        Raises
+        ------
+        MedClassError
+            The text is not of that form.
+        """
+        m = _AE_RE.match(str(text).strip())
+        if not m or not 0 < int(m["port"]) < 65536:
+            raise MedClassError(f"{what} {text!r} is not AET@HOST:PORT", "write it like ORTHANC@127.0.0.1:4242")
+        return cls(m["aet"].strip(), m["host"], int(m["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass
+class NodeConfig:
+    """Everything the node needs; see the module docstring for ``node.toml``."""
+
+    ae_title: str = "MEDCLASS"
+    port: int = 11112
+    bind: str = "0.0.0.0"
+    data_dir: str = "medclass-node"
+    checkpoint: str | None = None
+    return_to: str | None = None
+    stable_seconds: float = 10.0
+    metrics_port: int = 0
+    device: str = "auto"
+    batch_size: int = 32
+    max_send_attempts: int = 0  # 0: retry forever (the PACS will come back)
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    allow: list[dict[str, str]] = field(default_factory=list)
+    routes: list[dict[str, str]] = field(default_factory=list)
+    forward: list[dict[str, str]] = field(default_factory=list)
+    tls: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.ae_title.strip()) <= 16:
+            raise MedClassError(f"AE title {self.ae_title!r} must have 1 to 16 characters", "pass --ae-title MEDCLASS")
+        if not 0 < int(self.port) < 65536:
+            raise MedClassError(f"port {self.port} is out of range", "pass --port 11112")
+        if self.stable_seconds < 0:
+            raise MedClassError("stable_seconds must be >= 0", "pass --stable-seconds 10")
+        if self.return_to:
+            Destination.parse(self.return_to, "return_to")
+        for r in self.forward:
+            if "when" not in r or "to" not in r:
+                raise MedClassError(f"[[forward]] rule {r} needs 'when' and 'to'",
+                                    'write e.g. when = "malignant >= 0.8", to = "URGENT@10.0.0.9:104"')
+            Destination.parse(r["to"], "[[forward]] to")
+        for r in self.routes:
+            if "checkpoint" not in r and not self.checkpoint:
+                raise MedClassError(f"[[routes]] rule {r} names no checkpoint and there is no default checkpoint",
+                                    "add checkpoint = \"model.pt\" to the rule")
+
+    @property
+    def return_destination(self) -> Destination | None:
+        return Destination.parse(self.return_to, "return_to") if self.return_to else None
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def default_checkpoint() -> str | None:
+    """The quickstart model, when ``medclass quickstart`` has written one."""
+    from medclass.cli import QUICKSTART_DIR
+
+    p = QUICKSTART_DIR / "model.pt"
+    return str(p) if p.is_file() else None
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
+    """Embedded defaults, then ``path`` (TOML), then ``overrides`` (flags; ``None`` means unset).
+
+    Relative paths in the file are taken relative to the file's folder.
+
+    Raises
+    ------
+    MedClassError
+        The file is missing or not valid TOML, or holds unknown keys or bad values.
+    """
+    values: dict[str, Any] = {}
+    known = {f.name for f in fields(NodeConfig)}
+    if path is not None:
+        p = Path(path)
+        try:
+            values = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise MedClassError(f"no such config file: {p}", "pass --config node.toml or leave it out") from None
+        except tomllib.TOMLDecodeError as e:
+            raise MedClassError(f"{p} is not valid TOML: {e}", "fix the file (see dicom_node/README.md)") from None
+        unknown = set(values) - known
+        if unknown:
+            raise MedClassError(f"{p}: unknown keys {sorted(unknown)}", f"use only {sorted(known)}")
+        base = p.resolve().parent
+        for key in ("data_dir", "checkpoint"):
+            if values.get(key):
+                values[key] = str(base / values[key])
+        for r in values.get("routes", []):
+            if r.get("checkpoint"):
+                r["checkpoint"] = str(base / r["checkpoint"])
+        if values.get("tls"):
+            values["tls"] = {k: str(base / v) for k, v in values["tls"].items()}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if not values.get("checkpoint") and not values.get("routes"):
+        values["checkpoint"] = default_checkpoint()
+    return NodeConfig(**values)

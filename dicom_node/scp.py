@@ -1,0 +1,194 @@
+"""The node's DICOM service class provider: C-ECHO and C-STORE (pynetdicom).
+
+Handlers are small and return statuses; they never raise (pynetdicom would answer
+0xC001 and log a traceback). The received bytes are written as they came
+(``event.encoded_dataset()``), without decoding the pixel data: decoding is the
+worker's job, off the association threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from typing import Any, Callable
+
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import NodeConfig
+from dicom_node.spool import Spool
+
+log = logging.getLogger("dicom_node.scp")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC210
+
+# Storage SOP classes whose instances carry pixel data to classify. Everything
+# else (SR, KOS, PR, RT, encapsulated PDF, ...) is accepted and set aside, so that
+# a PACS pushing a whole study does not see the push fail.
+_NON_IMAGE_WORDS = ("SR Storage", "Structured Report", "Presentation State", "Key Object", "Encapsulated",
+                    "RT Structure", "RT Plan", "RT Dose", "RT Beams", "Waveform", "Raw Data", "Segmentation",
+                    "Surface", "Spectroscopy", "Registration", "Fiducials", "Measurement", "Hanging Protocol",
+                    "Color Palette", "Implant", "Radiation Dose", "Procedure Log")
+
+
+def is_image_sop_class(uid: str) -> bool:
+    """Whether a storage SOP class carries images (judged by its registered name)."""
+    name = UID(uid).name
+    if "Image Storage" in name or "Photograph" in name or "Video" in name:
+        return True
+    return not any(w in name for w in _NON_IMAGE_WORDS) and name != uid
+
+
+class StorageSCP:
+    """C-ECHO and C-STORE SCP that persists every instance before acknowledging it.
+
+    Parameters
+    ----------
+    config : NodeConfig
+    spool : Spool
+    on_stored : callable, optional
+        Called with ``(study_uid, seconds)`` after each stored instance (metrics).
+    on_rejected : callable, optional
+        Called with a reason keyword after each failure status or quarantine.
+    """
+
+    def __init__(self, config: NodeConfig, spool: Spool, on_stored: Callable[[str, float, int], None] | None = None,
+                 on_rejected: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.spool = spool
+        self.on_stored = on_stored or (lambda *a: None)
+        self.on_rejected = on_rejected or (lambda *a: None)
+        self.ae = AE(ae_title=config.ae_title)
+        # Every storage SOP class in every transfer syntax pydicom knows: the bytes are
+        # stored as received, so compressed syntaxes cost nothing here.
+        for cx in AllStoragePresentationContexts:
+            self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        self.ae.maximum_associations = 16
+        self.ae.require_calling_aet = [a["ae_title"] for a in config.allow] if config.allow else []
+        self.server = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Start listening (non-blocking)."""
+        handlers = [
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_CONN_OPEN, self.handle_open),
+        ]
+        if not self.config.allow:
+            log.warning("no [[allow]] list in the config: any calling AE may send to %s", self.config.ae_title)
+        self.server = self.ae.start_server((self.config.bind, self.config.port), block=False,
+                                           evt_handlers=handlers, ssl_context=self.ssl_context())
+        self.port = self.server.server_address[1]
+        log.info("%s listening on %s:%d%s", self.config.ae_title, self.config.bind, self.port,
+                 " (TLS)" if self.config.tls else "")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A server TLS context from ``[tls]`` (cert, key, optional ca to require client certificates)."""
+        tls = self.config.tls
+        if not tls:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.get("ca"))
+        ctx.load_cert_chain(tls["cert"], tls["key"])
+        if tls.get("ca"):
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    # ---------------------------------------------------------------- handlers
+
+    def handle_open(self, event: Any) -> None:
+        """Reject hosts not on the allow list (the AE title is checked by pynetdicom itself)."""
+        if not self.config.allow:
+            return
+        host = event.address[0]
+        hosts = {a.get("host") for a in self.config.allow}
+        if None not in hosts and host not in hosts:
+            log.warning("connection from %s refused: host not in [[allow]]", host)
+            self.on_rejected("host")
+            event.assoc.abort()
+
+    def _allowed(self, event: Any) -> bool:
+        calling = event.assoc.requestor.ae_title.strip()
+        host = event.assoc.requestor.address
+        return any(a["ae_title"] == calling and a.get("host") in (None, host) for a in self.config.allow)
+
+    def handle_echo(self, event: Any) -> int:
+        return SUCCESS
+
+    def handle_store(self, event: Any) -> int:
+        """Persist one instance; 0x0000 only once it is durable."""
+        t0 = time.perf_counter()
+        calling = event.assoc.requestor.ae_title.strip()
+        if self.config.allow and not self._allowed(event):
+            # AE title allowed from another host: refuse per instance (0xC210 is the nearest status).
+            log.warning("C-STORE from %s at %s refused: AE title and host are not allowed together", calling,
+                        event.assoc.requestor.address)
+            self.on_rejected("not_allowed")
+            return CANNOT_UNDERSTAND
+        try:
+            data = event.encoded_dataset()
+        except Exception as e:  # a malformed request; pynetdicom would otherwise answer 0xC001
+            log.warning("C-STORE from %s: cannot read the request (%s)", calling, e)
+            self.on_rejected("unreadable")
+            return CANNOT_UNDERSTAND
+        try:
+            ds = event.dataset
+            study_uid = str(ds.StudyInstanceUID)
+            series_uid = str(ds.SeriesInstanceUID)
+            sop_uid = str(event.request.AffectedSOPInstanceUID or ds.SOPInstanceUID)
+            sop_class = str(event.request.AffectedSOPClassUID)
+            modality = str(ds.get("Modality", "") or "")
+            has_pixels = any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+        except Exception as e:  # random bytes or a header without the UIDs a study needs
+            reason = f"cannot parse the dataset or it lacks Study/Series/SOP Instance UID ({type(e).__name__}: {e})"
+            return self._reject(data, reason, calling, "undecodable")
+        if not is_image_sop_class(sop_class):
+            # Logged skip: the PACS's push stays successful, the object is kept for inspection.
+            self._quarantine(data, f"not an image (SOP class {UID(sop_class).name}); not classified", calling,
+                             sop_uid, study_uid)
+            log.info("skipped a %s instance from %s (not an image)", UID(sop_class).name, calling)
+            self.on_rejected("non_image")
+            return SUCCESS
+        if not has_pixels:
+            return self._reject(data, f"a {UID(sop_class).name} without Pixel Data (truncated or damaged)",
+                                calling, "no_pixel_data", sop_uid, study_uid)
+        try:
+            self.spool.store(data, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, sop_class=sop_class,
+                             modality=modality, calling_ae=calling)
+        except OSError as e:
+            log.error("cannot store an instance from %s: %s; free disk space or fix permissions of %s", calling, e,
+                      self.spool.spool_dir)
+            self.on_rejected("disk")
+            return OUT_OF_RESOURCES
+        except Exception as e:  # the database: busy beyond its timeout, or full
+            log.error("cannot record an instance from %s: %s", calling, e)
+            self.on_rejected("database")
+            return OUT_OF_RESOURCES
+        self.on_stored(modality, time.perf_counter() - t0, len(data))
+        return SUCCESS
+
+    def _quarantine(self, data: bytes, reason: str, calling: str, sop_uid: str | None = None,
+                    study_uid: str | None = None) -> None:
+        try:
+            self.spool.quarantine(data, reason, calling_ae=calling, sop_uid=sop_uid, study_uid=study_uid)
+        except Exception as e:  # quarantine is best effort; the status already tells the sender
+            log.error("cannot quarantine an object from %s: %s", calling, e)
+
+    def _reject(self, data: bytes, reason: str, calling: str, kind: str, sop_uid: str | None = None,
+                study_uid: str | None = None) -> int:
+        log.warning("C-STORE from %s refused (0xC210): %s; the object is in %s", calling, reason,
+                    self.spool.quarantine_dir)
+        self._quarantine(data, reason, calling, sop_uid, study_uid)
+        self.on_rejected(kind)
+        return CANNOT_UNDERSTAND

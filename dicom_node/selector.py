@@ -1,0 +1,114 @@
+"""Series selection: which model classifies which series.
+
+Rules come from ``[[routes]]`` in ``node.toml``; the first rule whose every given
+field matches a series wins. Fields: ``modality``, ``body_part`` (Body Part
+Examined), ``sop_class`` (UID or its name), ``series_description`` (a regular
+expression, searched), ``checkpoint``. Without rules, every image series goes to
+the default checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.uid import UID
+
+from medclass.errors import MedClassError
+
+log = logging.getLogger("dicom_node.selector")
+
+
+@dataclass
+class SeriesInfo:
+    """What selection looks at, from the first instance of a series."""
+
+    series_uid: str
+    modality: str = ""
+    body_part: str = ""
+    sop_class: str = ""
+    series_description: str = ""
+
+    @classmethod
+    def from_dataset(cls, ds: Any) -> SeriesInfo:
+        return cls(str(ds.SeriesInstanceUID), str(ds.get("Modality", "") or ""),
+                   str(ds.get("BodyPartExamined", "") or ""), str(ds.get("SOPClassUID", "") or ""),
+                   str(ds.get("SeriesDescription", "") or ""))
+
+
+@dataclass
+class Route:
+    """One ``[[routes]]`` rule."""
+
+    checkpoint: str
+    modality: str | None = None
+    body_part: str | None = None
+    sop_class: str | None = None
+    series_description: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.series_description is not None:
+            try:
+                self._regex = re.compile(self.series_description)
+            except re.error as e:
+                raise MedClassError(f"[[routes]] series_description {self.series_description!r} is not a valid "
+                                    f"regular expression ({e})", "fix the rule in node.toml") from None
+
+    def matches(self, s: SeriesInfo) -> bool:
+        if self.modality is not None and s.modality.upper() != self.modality.upper():
+            return False
+        if self.body_part is not None and s.body_part.upper() != self.body_part.upper():
+            return False
+        if self.sop_class is not None and self.sop_class not in (s.sop_class, UID(s.sop_class).name):
+            return False
+        if self.series_description is not None and not self._regex.search(s.series_description):
+            return False
+        return True
+
+
+class SeriesSelector:
+    """Pick the checkpoint(s) for the series of a study.
+
+    Parameters
+    ----------
+    routes : list of dict
+        ``[[routes]]`` rules (see the module docstring).
+    default_checkpoint : str, optional
+        For a rule without ``checkpoint``, and for every series when there are no rules.
+    """
+
+    def __init__(self, routes: list[dict[str, str]] | None = None, default_checkpoint: str | None = None) -> None:
+        known = {"checkpoint", "modality", "body_part", "sop_class", "series_description"}
+        self.routes = []
+        for r in routes or []:
+            unknown = set(r) - known
+            if unknown:
+                raise MedClassError(f"[[routes]] rule {r} has unknown keys {sorted(unknown)}",
+                                    f"use only {sorted(known)}")
+            self.routes.append(Route(**{"checkpoint": default_checkpoint, **r}))
+        self.default = default_checkpoint
+        if not self.routes and not self.default:
+            raise MedClassError("no model to classify with",
+                                "pass --checkpoint model.pt, add [[routes]] to node.toml, or run 'medclass quickstart'")
+
+    def select(self, series: SeriesInfo) -> str | None:
+        """The checkpoint for one series, or ``None`` (logged with a remedy) when no rule matches."""
+        if not self.routes:
+            return self.default
+        for r in self.routes:
+            if r.matches(series):
+                return r.checkpoint
+        log.info("no model matches series %s (modality %s, body part %s); add a rule to [[routes]] in node.toml",
+                 series.series_uid, series.modality or "?", series.body_part or "?")
+        return None
+
+    def plan(self, series: list[SeriesInfo]) -> dict[str, list[str]]:
+        """Checkpoint → series UIDs it classifies (a study may use several models)."""
+        out: dict[str, list[str]] = {}
+        for s in series:
+            ck = self.select(s)
+            if ck:
+                out.setdefault(ck, []).append(s.series_uid)
+        return out

@@ -1,0 +1,243 @@
+"""A classification result as a DICOM Structured Report (TID 1500, highdicom).
+
+The DICOM node sends this report back to the PACS; any other front door may
+write one too. The report is a TID 1500 Measurement Report in a new series of
+the study it describes:
+
+- observation context with a device observer (the node, model name, manufacturer
+  ``SlicerMedClass``);
+- an image library and source image references (the images that were classified);
+- one TID 1501 group holding a Qualitative Evaluation per finding (the class's
+  SNOMED CT code from the model card, a private ``99MEDCLASS`` code otherwise),
+  one numeric item per class probability (UCUM unit ``{probability}``) and a
+  TID 4019 algorithm identification (model name and version from the card);
+- VerificationFlag UNVERIFIED: a model's output is not a physician's report.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import highdicom as hd
+import pydicom
+from pydicom.sr.codedict import codes
+
+from medclass import __version__
+
+MANUFACTURER = "SlicerMedClass"
+PRIVATE_SCHEME = "99MEDCLASS"
+#: "Clinical finding" (SCT 404684003): the concept name of each qualitative evaluation.
+#: Not DCM 121071 "Finding", which TID 1501 reserves for the group's finding type
+#: (highdicom's parser skips items of that name).
+FINDING = hd.sr.CodedConcept("404684003", "SCT", "Clinical finding")
+#: The probability of a class, as a numeric measurement.
+PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
+#: "Imaging procedure" (SCT 363679005): the generic procedure reported.
+IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+
+
+def class_code(card: dict[str, Any], name: str) -> hd.sr.CodedConcept:
+    """The coded concept of a class: the card's SNOMED CT code, else a private one.
+
+    Parameters
+    ----------
+    card : dict
+        The model card (``card["class_codes"]`` maps a class to ``[scheme, value, meaning]``).
+    name : str
+        The class name.
+
+    Returns
+    -------
+    highdicom.sr.CodedConcept
+    """
+    code = (card.get("class_codes") or {}).get(name)
+    if code:
+        scheme, value, meaning = code
+        return hd.sr.CodedConcept(str(value), str(scheme), str(meaning))
+    # Private scheme: the value must be short (SH, 16 chars) and stable per class.
+    value = "".join(ch for ch in name.upper() if ch.isalnum())[:16] or "CLASS"
+    return hd.sr.CodedConcept(value, PRIVATE_SCHEME, name[:64])
+
+
+def probability_concept(card: dict[str, Any], name: str) -> hd.sr.CodedConcept:
+    """The concept name of the numeric item holding the probability of class ``name``."""
+    value = ("P" + "".join(ch for ch in name.upper() if ch.isalnum()))[:16]
+    return hd.sr.CodedConcept(value, PRIVATE_SCHEME, f"Probability of {name}"[:64])
+
+
+def device_uid(ae_title: str) -> str:
+    """A UID for the device observer, stable across restarts: derived from the AE title."""
+    return pydicom.uid.generate_uid(entropy_srcs=["SlicerMedClass device", ae_title.strip()])
+
+
+def build_classification_sr(
+    source_datasets: Sequence[pydicom.Dataset],
+    card: dict[str, Any],
+    probabilities: dict[str, float],
+    label: str | list[str],
+    *,
+    series_number: int = 9901,
+    instance_number: int = 1,
+    device_name: str = "MEDCLASS",
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    series_description: str | None = None,
+    institution_name: str | None = None,
+) -> hd.sr.Comprehensive3DSR:
+    """Build a TID 1500 report of one classification.
+
+    Parameters
+    ----------
+    source_datasets : sequence of pydicom.Dataset
+        The classified images of one study (headers suffice: read them with
+        ``stop_before_pixels=True``). Patient and study come from them.
+    card : dict
+        The model card of the checkpoint that produced the result.
+    probabilities : dict of str to float
+        Probability per class name (study- or series-level).
+    label : str or list of str
+        The predicted class (a list for multi-label tasks: every positive finding).
+    series_number, instance_number : int
+        Of the new SR series and instance.
+    device_name : str
+        The observer device's name, e.g. the node's AE title.
+    series_instance_uid, sop_instance_uid : str, optional
+        Pass fixed UIDs to make a resend of the same result the same instance
+        (the node does, so that a retried C-STORE is idempotent at the PACS).
+    series_description : str, optional
+        Defaults to ``"MedClass <model name>"``.
+    institution_name : str, optional
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+
+    Raises
+    ------
+    ValueError
+        No source datasets, datasets from several studies, or probabilities for
+        classes the card does not know.
+    """
+    if not source_datasets:
+        raise ValueError("a classification SR needs at least one source image; pass the classified datasets")
+    studies = {str(ds.StudyInstanceUID) for ds in source_datasets}
+    if len(studies) != 1:
+        raise ValueError(f"the source images belong to {len(studies)} studies; build one SR per study")
+    classes = list(card["task"]["classes"])
+    unknown = set(probabilities) - set(classes)
+    if unknown:
+        raise ValueError(f"probabilities for classes {sorted(unknown)} not in the model card's {classes}")
+    model_name = str(card["model"]["name"])
+    version = f"{card.get('medclass_version', __version__)}"
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(device_name), name=device_name, manufacturer_name=MANUFACTURER, model_name=model_name[:64],
+        ),
+    )
+    algorithm = hd.sr.AlgorithmIdentification(name=model_name, version=version)
+    findings = [label] if isinstance(label, str) else list(label)
+    evaluations = [hd.sr.QualitativeEvaluation(FINDING, class_code(card, f)) for f in findings]
+    measurements = [
+        hd.sr.Measurement(name=probability_concept(card, c), value=float(probabilities[c]), unit=PROBABILITY_UNIT,
+                          algorithm_id=algorithm)
+        for c in classes if c in probabilities
+    ]
+    source_images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_datasets]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{model_name} classification"[:64]),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+        source_images=source_images,
+    )
+    context = hd.sr.ObservationContext(observer_person_context=None, observer_device_context=observer)
+    try:
+        report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=IMAGING_PROCEDURE,
+                                         imaging_measurements=[group], referenced_images=list(source_datasets))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        # highdicom's image library (TID 1600) wants modality-specific attributes that real
+        # files lack (e.g. Imager Pixel Spacing of a digitised film mammogram). The library
+        # is optional; the group's source image references still name every image.
+        report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=IMAGING_PROCEDURE,
+                                         imaging_measurements=[group])
+    with warnings.catch_warnings():
+        # highdicom warns about odd person names *quoting the name*: patient data must not reach the log.
+        warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
+        sr = _comprehensive_3d_sr(
+            evidence=list(source_datasets), report=report, series_instance_uid=series_instance_uid,
+            series_number=series_number, sop_instance_uid=sop_instance_uid, instance_number=instance_number,
+            institution_name=institution_name, series_description=series_description, model_name=model_name)
+    # Declare the private coding scheme, so that a reader can tell what 99MEDCLASS is.
+    scheme = pydicom.Dataset()
+    scheme.CodingSchemeDesignator = PRIVATE_SCHEME
+    scheme.CodingSchemeName = "SlicerMedClass model classes and outputs"
+    scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+    sr.CodingSchemeIdentificationSequence = [scheme]
+    return sr
+
+
+def _comprehensive_3d_sr(evidence, report, series_instance_uid, series_number, sop_instance_uid, instance_number,
+                         institution_name, series_description, model_name) -> hd.sr.Comprehensive3DSR:
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=series_instance_uid or hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid or hd.UID(),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name,
+        series_description=(series_description or f"MedClass {model_name}")[:64],
+    )
+
+
+def read_classification_sr(ds: pydicom.Dataset) -> dict[str, Any]:
+    """Parse a report written by :func:`build_classification_sr` back into values.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        The SR instance (e.g. read back from the PACS).
+
+    Returns
+    -------
+    dict
+        ``findings`` (list of ``(scheme, value, meaning)``), ``probabilities``
+        (meaning of the numeric item to value), ``algorithm`` (name, version),
+        ``study_uid``, ``verification``.
+    """
+    report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
+    out: dict[str, Any] = {"study_uid": str(ds.StudyInstanceUID), "verification": str(ds.VerificationFlag),
+                           "findings": [], "probabilities": {}, "algorithm": None}
+    for group in report.get_image_measurement_groups():
+        for ev in group.get_qualitative_evaluations():
+            v = ev.value
+            out["findings"].append((v.scheme_designator, v.value, v.meaning))
+        for m in group.get_measurements():
+            out["probabilities"][m.name.meaning.removeprefix("Probability of ")] = float(m.value)
+    out["algorithm"] = _algorithm(ds.ContentSequence)
+    return out
+
+
+def _algorithm(items) -> tuple[str, str | None] | None:
+    """Algorithm Name (DCM 111001) and Version (DCM 111003), searched depth first."""
+    name = version = None
+    for item in items:
+        code = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else None
+        if code == "111001":
+            name = str(item.TextValue)
+        elif code == "111003":
+            version = str(item.TextValue)
+        if name and version:
+            return name, version
+        if "ContentSequence" in item:
+            found = _algorithm(item.ContentSequence)
+            if found:
+                return found
+    return (name, version) if name else None

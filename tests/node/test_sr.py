@@ -1,0 +1,83 @@
+"""The classification SR (medclass.sr): built from real files, read back, validated by dcmtk and dicom3tools."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from medclass.checkpoint import read_card
+from medclass.sr import PRIVATE_SCHEME, build_classification_sr, read_classification_sr
+
+
+@pytest.fixture(scope="module")
+def card(checkpoint):
+    return read_card(checkpoint)
+
+
+def _roundtrip(sr) -> pydicom.Dataset:
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, sr, enforce_file_format=True)
+    return pydicom.dcmread(io.BytesIO(buf.getvalue()))
+
+
+def test_sr_roundtrip_from_a_real_ct(card, tmp_path):
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    probs = {"normal": 0.25, "pneumonia": 0.75}
+    sr = build_classification_sr([src], card, probs, "pneumonia", device_name="MEDCLASS")
+    back = _roundtrip(sr)
+
+    assert back.StudyInstanceUID == src.StudyInstanceUID  # same study
+    assert back.SeriesInstanceUID != src.SeriesInstanceUID  # new series
+    assert back.PatientID == src.PatientID and back.PatientName == src.PatientName
+    assert back.VerificationFlag == "UNVERIFIED"
+    assert back.Manufacturer == "SlicerMedClass"
+    parsed = hd.sr.Comprehensive3DSR.from_dataset(back)
+    assert isinstance(parsed.content, hd.sr.MeasurementReport)
+    values = read_classification_sr(back)
+    assert values["probabilities"] == pytest.approx(probs)
+    assert values["findings"] == [("SCT", "233604007", "Pneumonia")]  # from the card's class_codes
+    assert values["algorithm"] == ("resnet18", card["medclass_version"])
+    group = parsed.content.get_image_measurement_groups()[0]
+    refs = [i.referenced_sop_instance_uid for i in group.get_source_images()] if hasattr(
+        group, "get_source_images") else None
+    if refs is not None:
+        assert refs == [src.SOPInstanceUID]
+
+
+def test_sr_private_code_and_multilabel(card):
+    card = {**card, "class_codes": {}}
+    src = pydicom.dcmread(get_testdata_file("MR_small.dcm"), stop_before_pixels=True)
+    sr = build_classification_sr([src], card, {"normal": 0.6, "pneumonia": 0.4}, ["normal", "pneumonia"])
+    values = read_classification_sr(_roundtrip(sr))
+    assert [f[0] for f in values["findings"]] == [PRIVATE_SCHEME, PRIVATE_SCHEME]
+    assert [f[2] for f in values["findings"]] == ["normal", "pneumonia"]
+
+
+def test_sr_rejects_bad_input(card):
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    with pytest.raises(ValueError, match="at least one source image"):
+        build_classification_sr([], card, {"normal": 1.0}, "normal")
+    with pytest.raises(ValueError, match="not in the model card"):
+        build_classification_sr([src], card, {"tumour": 1.0}, "tumour")
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None or shutil.which("dsrdump") is None,
+                    reason="dicom3tools / dcmtk not installed")
+def test_sr_passes_dciodvfy_and_dsrdump(card, tmp_path, mammogram_paths):
+    srcs = [pydicom.dcmread(p, stop_before_pixels=True) for p in mammogram_paths[:1]]
+    sr = build_classification_sr(srcs, card, {"normal": 0.1, "pneumonia": 0.9}, "pneumonia")
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    v = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (v.stdout + v.stderr).splitlines() if line.startswith("Error")]
+    assert errors == []
+    d = subprocess.run(["dsrdump", "+Pt", str(path)], capture_output=True, text=True, timeout=60)
+    assert d.returncode == 0, d.stderr
+    assert "TID 1500" in d.stdout and "TID 1501" in d.stdout
+    assert "Probability of pneumonia" in d.stdout
