@@ -72,8 +72,13 @@ def densenet121(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dro
 
 @register_model("efficientnet-b0", "cnn", description="EfficientNet-B0 (MONAI EfficientNetBN), compound scaling")
 def efficientnet_b0(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2, **_):
+    # BatchNorm momentum 0.1 (PyTorch's default), not MONAI's TF-style 0.01: from
+    # scratch, MONAI's initialisation shrinks activations ~1e-13 through the blocks
+    # unless BatchNorm's running variance has caught up, so with 0.01 a model
+    # trained for a few epochs gives the same output for every input in eval mode.
     body = nets.EfficientNetBN(
-        "efficientnet-b0", pretrained=False, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=1
+        "efficientnet-b0", pretrained=False, spatial_dims=spatial_dims, in_channels=in_channels, num_classes=1,
+        norm=("batch", {"eps": 1e-3, "momentum": 0.1}),
     )
     features = body._fc.in_features
     body._fc = nn.Identity()
