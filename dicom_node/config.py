@@ -35,6 +35,7 @@ A ``node.toml`` (every key optional)::
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -47,6 +48,16 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
+
+_NUMBER = (int, float)
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "ae_title": str, "port": int, "bind": str, "data_dir": str, "checkpoint": str, "return_to": str,
+    "stable_seconds": _NUMBER, "metrics_port": int, "device": str, "batch_size": int, "max_send_attempts": int,
+    "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
+    "tls": dict,
+}
+_TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
+                   dict: "a [table]"}[v] for k, v in _TYPES.items()}
 
 _AE_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
 
@@ -108,15 +119,34 @@ class NodeConfig:
             raise MedClassError("stable_seconds must be >= 0", "pass --stable-seconds 10")
         if self.return_to:
             Destination.parse(self.return_to, "return_to")
+        # Every rule is checked here, at start, so that a mistake in node.toml is one line
+        # at the command line rather than a failure at the first study.
+        from dicom_node.router import ForwardRule
+        from dicom_node.selector import ROUTE_KEYS, Route
+
         for r in self.forward:
-            if "when" not in r or "to" not in r:
-                raise MedClassError(f"[[forward]] rule {r} needs 'when' and 'to'",
-                                    'write e.g. when = "malignant >= 0.8", to = "URGENT@10.0.0.9:104"')
-            Destination.parse(r["to"], "[[forward]] to")
+            if "when" not in r or "to" not in r or set(r) - {"when", "to", "priority"}:
+                raise MedClassError(f"[[forward]] rule {r} needs 'when' and 'to' (and optionally 'priority')",
+                                    'write e.g. when = "malignant >= 0.8", to = "URGENT@10.0.0.9:104", '
+                                    'priority = "high"')
+            ForwardRule(**r)
         for r in self.routes:
+            unknown = set(r) - ROUTE_KEYS
+            if unknown:
+                raise MedClassError(f"[[routes]] rule {r} has unknown keys {sorted(unknown)}",
+                                    f"use only {sorted(ROUTE_KEYS)}")
             if "checkpoint" not in r and not self.checkpoint:
                 raise MedClassError(f"[[routes]] rule {r} names no checkpoint and there is no default checkpoint",
                                     "add checkpoint = \"model.pt\" to the rule")
+            Route(**{"checkpoint": self.checkpoint, **r})
+        for a in self.allow:
+            if not a.get("ae_title") or set(a) - {"ae_title", "host"}:
+                raise MedClassError(f"[[allow]] entry {a} needs 'ae_title' (and optionally 'host')",
+                                    'write e.g. ae_title = "ORTHANC", host = "10.0.0.5"')
+        if self.tls is not None and (not self.tls.get("cert") or not self.tls.get("key")
+                                     or set(self.tls) - {"cert", "key", "ca"}):
+            raise MedClassError(f"[tls] {self.tls} needs 'cert' and 'key' (and optionally 'ca')",
+                                'write e.g. cert = "node.crt", key = "node.key"')
 
     @property
     def return_destination(self) -> Destination | None:
@@ -157,7 +187,18 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
             raise MedClassError(f"{p} is not valid TOML: {e}", "fix the file (see dicom_node/README.md)") from None
         unknown = set(values) - known
         if unknown:
-            raise MedClassError(f"{p}: unknown keys {sorted(unknown)}", f"use only {sorted(known)}")
+            key = sorted(unknown)[0]
+            close = difflib.get_close_matches(key, known, n=1)
+            raise MedClassError(f"{p}: unknown key {key!r}",
+                                f"did you mean {close[0]!r}?" if close else f"use only {sorted(known)}")
+        for key, value in values.items():
+            want = _TYPES[key]
+            if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
+                raise MedClassError(f"{p}: {key} = {value!r} should be {_TYPE_WORDS[key]}",
+                                    "fix the value (see dicom_node/README.md)")
+            if isinstance(value, list) and not all(isinstance(v, dict) for v in value):
+                raise MedClassError(f"{p}: {key} should be a list of tables",
+                                    f"write each entry as a [[{key}]] table with its keys on the lines below")
         base = p.resolve().parent
         for key in ("data_dir", "checkpoint"):
             if values.get(key):
@@ -166,7 +207,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
             if r.get("checkpoint"):
                 r["checkpoint"] = str(base / r["checkpoint"])
         if values.get("tls"):
-            values["tls"] = {k: str(base / v) for k, v in values["tls"].items()}
+            values["tls"] = {k: str(base / str(v)) for k, v in values["tls"].items()}
     values.update({k: v for k, v in overrides.items() if v is not None})
     if not values.get("checkpoint") and not values.get("routes"):
         values["checkpoint"] = default_checkpoint()

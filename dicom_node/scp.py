@@ -19,6 +19,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node.config import NodeConfig
 from dicom_node.spool import Spool
+from medclass.errors import MedClassError
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -83,8 +84,12 @@ class StorageSCP:
         ]
         if not self.config.allow:
             log.warning("no [[allow]] list in the config: any calling AE may send to %s", self.config.ae_title)
-        self.server = self.ae.start_server((self.config.bind, self.config.port), block=False,
-                                           evt_handlers=handlers, ssl_context=self.ssl_context())
+        try:
+            self.server = self.ae.start_server((self.config.bind, self.config.port), block=False,
+                                               evt_handlers=handlers, ssl_context=self.ssl_context())
+        except OSError as e:
+            raise MedClassError(f"cannot listen on {self.config.bind}:{self.config.port} ({e.strerror or e})",
+                                "pass another --port, or stop the program that uses this one") from None
         self.port = self.server.server_address[1]
         log.info("%s listening on %s:%d%s", self.config.ae_title, self.config.bind, self.port,
                  " (TLS)" if self.config.tls else "")
@@ -116,7 +121,9 @@ class StorageSCP:
         if None not in hosts and host not in hosts:
             log.warning("connection from %s refused: host not in [[allow]]", host)
             self.on_rejected("host")
-            event.assoc.abort()
+            # Close the connection before any PDU: an A-ABORT is not valid before the
+            # A-ASSOCIATE-RQ arrives, and pynetdicom's state machine raises on it.
+            event.assoc.dul.socket.close()
 
     def _allowed(self, event: Any) -> bool:
         calling = event.assoc.requestor.ae_title.strip()

@@ -20,6 +20,8 @@ from medclass.errors import MedClassError
 
 log = logging.getLogger("dicom_node.selector")
 
+ROUTE_KEYS = frozenset({"checkpoint", "modality", "body_part", "sop_class", "series_description"})
+
 
 @dataclass
 class SeriesInfo:
@@ -80,13 +82,12 @@ class SeriesSelector:
     """
 
     def __init__(self, routes: list[dict[str, str]] | None = None, default_checkpoint: str | None = None) -> None:
-        known = {"checkpoint", "modality", "body_part", "sop_class", "series_description"}
         self.routes = []
         for r in routes or []:
-            unknown = set(r) - known
+            unknown = set(r) - ROUTE_KEYS
             if unknown:
                 raise MedClassError(f"[[routes]] rule {r} has unknown keys {sorted(unknown)}",
-                                    f"use only {sorted(known)}")
+                                    f"use only {sorted(ROUTE_KEYS)}")
             self.routes.append(Route(**{"checkpoint": default_checkpoint, **r}))
         self.default = default_checkpoint
         if not self.routes and not self.default:

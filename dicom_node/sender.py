@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 
@@ -106,20 +106,31 @@ class OutboxSender:
         self.store(Destination.parse(item["destination"]), paths, priority=item["priority"])
 
     def store(self, dest: Destination, paths: list[str], priority: int = 0) -> None:
-        """Send files in one association; every one must get a success or warning status."""
+        """Send files in one association; every one must get a success or warning status.
+
+        Each (SOP class, transfer syntax) of the files is proposed in its own presentation
+        context, beside an uncompressed one per SOP class, so that a study received in
+        several syntaxes (JPEG-LS and RLE and uncompressed, say) goes out as received. A
+        peer that refuses a compressed syntax gets those files decompressed.
+        """
         if not paths:
             return
         metas = {}
         for p in paths:
             meta = pydicom.filereader.read_file_meta_info(p)
             metas[p] = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
-        contexts: dict[str, set[str]] = {}
+        syntaxes: dict[str, set[str]] = {}
         for sop_class, ts in metas.values():
-            contexts.setdefault(sop_class, {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)}).add(ts)
-        if len(contexts) > 128:
-            raise SendError(f"{len(contexts)} SOP classes in one study exceed DICOM's 128 presentation contexts")
+            syntaxes.setdefault(sop_class, set()).add(ts)
+        requested = []
+        for sop_class, tss in syntaxes.items():
+            requested.append(build_context(sop_class, _UNCOMPRESSED))
+            requested += [build_context(sop_class, ts) for ts in sorted(tss - set(_UNCOMPRESSED))]
+        if len(requested) > 128:
+            raise SendError(f"{len(requested)} SOP class and transfer syntax pairs in one study exceed DICOM's 128 "
+                            "presentation contexts")
         ae = AE(ae_title=self.config.ae_title)
-        ae.requested_contexts = [build_context(sc, sorted(ts)) for sc, ts in contexts.items()]
+        ae.requested_contexts = requested
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         tls = (self.ssl_context, dest.host) if self.ssl_context else None
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
@@ -127,8 +138,13 @@ class OutboxSender:
             raise SendError(f"{dest} refused or did not answer the association (is it running, and does it know "
                             f"AE {self.config.ae_title}?)")
         try:
+            accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
             for p in paths:
-                status = assoc.send_c_store(p, priority=priority)
+                sop_class, ts = metas[p]
+                if (sop_class, ts) in accepted or ts in _UNCOMPRESSED:
+                    status = assoc.send_c_store(p, priority=priority)
+                else:
+                    status = assoc.send_c_store(_decompressed(p, dest, ts), priority=priority)
                 code = getattr(status, "Status", None)
                 if code is None:
                     raise SendError(f"{dest} did not answer the C-STORE (connection lost or timed out)")
@@ -137,3 +153,19 @@ class OutboxSender:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+
+_UNCOMPRESSED = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
+
+
+def _decompressed(path: str, dest: Destination, ts: str) -> pydicom.Dataset:
+    """The file with its pixel data decoded, for a peer that does not accept its transfer syntax."""
+    try:
+        ds = pydicom.dcmread(path)
+        # Same instance, same UID: pydicom would otherwise mint a new SOP Instance UID, and the
+        # peer would hold two copies of one image (lossy sources stay marked lossy in their header).
+        ds.decompress(generate_instance_uid=False)
+    except Exception as e:
+        raise SendError(f"{dest} does not accept {UID(ts).name} and the image cannot be decompressed "
+                        f"({type(e).__name__}: {e}); let the peer accept {UID(ts).name}") from None
+    return ds

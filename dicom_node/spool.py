@@ -177,6 +177,9 @@ class Spool:
         self.spool_dir = self.root / "spool"
         self.quarantine_dir = self.root / "quarantine"
         self.db = db
+        # SQLite takes one writer at a time; its busy handler sleeps up to 100 ms between
+        # tries, which stalls concurrent associations. Queueing the writers here costs nothing.
+        self._commit_lock = threading.Lock()
         for d in (self.spool_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._remove_partials()
@@ -196,7 +199,7 @@ class Spool:
         path = self.spool_dir / safe_name(study_uid) / safe_name(series_uid) / f"{safe_name(sop_uid)}.dcm"
         write_durably(path, data)
         now = time.time()
-        with self.db.connect() as c:
+        with self._commit_lock, self.db.connect() as c:
             c.execute("INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class, modality, path, "
                       "size, calling_ae, received, skipped) VALUES (?,?,?,?,?,?,?,?,?,NULL)",
                       (sop_uid, study_uid, series_uid, sop_class, modality, str(path), len(data), calling_ae, now))

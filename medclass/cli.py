@@ -150,7 +150,24 @@ The model is {ckpt}. Next:
   medclass explain --checkpoint {ckpt} IMAGE --out heatmap.png
   medclass evaluate --checkpoint {ckpt} --data br35h --out {out / 'evaluation'}
   medclass train --data DIR|manifest.csv|file.npz --model NAME --out runs/mine   (medclass models, medclass datasets)""")
-    return 0
+    if a.no_node:
+        return 0
+    try:
+        from dicom_node.cli import main as node_main
+    except ImportError as e:  # the node is an extra
+        print(f"\nThe DICOM node is not installed ({e}); pip install 'slicer-medclass[node]' to run it.")
+        return 0
+    port = a.node_port
+    print(f"""
+Starting the DICOM triage node with this model (Ctrl-C stops it; --no-node skips this step).
+Point your PACS at it: a DICOM modality with AE title MEDCLASS, this machine's address, port {port}.
+In Orthanc's configuration:
+  "DicomModalities" : {{ "medclass" : [ "MEDCLASS", "<this machine's address>", {port} ] }}
+then send a study:  curl -X POST http://localhost:8042/modalities/medclass/store -d '{{"Resources": ["<study id>"]}}'
+For the SR to come back, run the node with --return-to ORTHANC@<pacs address>:4242 (see dicom_node/README.md):
+  medclass node --checkpoint {ckpt} --port {port} --return-to ORTHANC@<pacs address>:4242
+""", flush=True)
+    return node_main(["--checkpoint", str(ckpt), "--port", str(port)])
 
 
 def _cmd_node(a) -> int:
@@ -233,12 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_cmd_export)
 
-    s = sub.add_parser("quickstart", help="train (once) and evaluate the default model on Br35H")
+    s = sub.add_parser("quickstart", help="train (once) and evaluate the default model on Br35H, then start the "
+                       "DICOM node with it")
     s.add_argument("--out", default=str(QUICKSTART_DIR))
     s.add_argument("--epochs", type=int, default=4)
     s.add_argument("--device", default="auto")
     s.add_argument("--retrain", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("--no-node", action="store_true", help="do not start the DICOM node at the end")
+    s.add_argument("--node-port", type=int, default=11112, help="port of the DICOM node started at the end")
     s.set_defaults(fn=_cmd_quickstart)
 
     # The node parses its own flags (dicom_node.cli); '+' as prefix lets every flag through.

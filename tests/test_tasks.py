@@ -137,10 +137,10 @@ def test_ddp_under_torchrun(tmp_path):
 
 def test_quickstart_trains_once_then_reuses(tmp_path, capsys):
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--epochs", "1", "--device", "cpu", "-q"]) == 0
+    assert main(["quickstart", "--out", str(out), "--epochs", "1", "--device", "cpu", "-q", "--no-node"]) == 0
     first = capsys.readouterr().out
     assert "AUC" in first and "medclass predict" in first and (out / "model.pt").exists()
     mtime = (out / "model.pt").stat().st_mtime
-    assert main(["quickstart", "--out", str(out), "--device", "cpu", "-q"]) == 0
+    assert main(["quickstart", "--out", str(out), "--device", "cpu", "-q", "--no-node"]) == 0
     assert "using the existing model" in capsys.readouterr().out
     assert (out / "model.pt").stat().st_mtime == mtime

@@ -48,6 +48,29 @@ def dcmtk_env() -> dict[str, str]:
     return {**os.environ, "TCP_NODELAY": "1"}
 
 
+_PROPOSE = {"1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.4.70": "-xs"}
+
+
+def storescu(port: int, paths, aet: str = "STORESCU", called: str = "MEDCLASS") -> subprocess.CompletedProcess:
+    """dcmtk storescu, one association per transfer syntax, proposing each file's own (compressed) syntax."""
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        ts = str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        groups.setdefault(_PROPOSE.get(ts, "-x="), []).append(str(p))
+    result = None
+    for flag, files in groups.items():
+        result = subprocess.run(["storescu", "-R", flag, "-aet", aet, "-aec", called, HOST, str(port), *files],
+                                capture_output=True, text=True, timeout=120, env=dcmtk_env())
+        if result.returncode != 0:
+            return result
+    return result
+
+
+def study_state(node, study_uid: str) -> str | None:
+    rows = node.db.query("SELECT state FROM studies WHERE study_uid=?", (study_uid,))
+    return rows[0]["state"] if rows else None
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny resnet18 on the 16 paediatric chest X-rays (normal / pneumonia, SNOMED CT codes)."""
@@ -266,3 +289,52 @@ def node_process(tmp_path):
     yield make
     for p in made:
         p.stop()
+
+
+class StoreSCP:
+    """dcmtk's storescp (a workstation or archive the node forwards to), debug log kept for inspection."""
+
+    def __init__(self, root: Path, aet: str, accept_all: bool) -> None:
+        self.root, self.aet, self.port = root, aet, free_port()
+        self.out = root / "received"
+        self.out.mkdir(parents=True)
+        self.log_path = root / "storescp.log"
+        args = ["storescp", "-d", "-aet", aet, "-od", str(self.out), *(["+xa"] if accept_all else []), str(self.port)]
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=dcmtk_env())
+        wait_until(self._listening, 30, 0.1, f"storescp {aet} to listen")
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"storescp exited: {self.log_path.read_text()[-2000:]}")
+        with socket.socket() as s:
+            s.settimeout(1)
+            return s.connect_ex((HOST, self.port)) == 0
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.out.iterdir() if p.is_file())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+@pytest.fixture
+def storescp_factory(tmp_path):
+    """Start dcmtk storescp peers on free loopback ports; every one is stopped at the end of the test."""
+    made: list[StoreSCP] = []
+
+    def make(aet: str, accept_all: bool = False) -> StoreSCP:
+        scp = StoreSCP(tmp_path / f"storescp-{aet.lower()}", aet, accept_all)
+        made.append(scp)
+        return scp
+
+    yield make
+    for scp in made:
+        scp.stop()

@@ -18,29 +18,17 @@ from pynetdicom.sop_class import BasicTextSRStorage, CTImageStorage, Verificatio
 from dicom_node.cli import main as node_main
 from medclass.sr import read_classification_sr
 
-from .conftest import HOST, copy_study, dcmtk_env, free_port, needs_dcmtk, needs_orthanc, wait_until
-
-_PROPOSE = {"1.2.840.10008.1.2.4.80": "-xt", "1.2.840.10008.1.2.5": "-xr", "1.2.840.10008.1.2.4.70": "-xs"}
-
-
-def storescu(port: int, paths, aet: str = "STORESCU", called: str = "MEDCLASS") -> subprocess.CompletedProcess:
-    """dcmtk storescu, one association per transfer syntax, proposing each file's own (compressed) syntax."""
-    groups: dict[str, list[str]] = {}
-    for p in paths:
-        ts = str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID)
-        groups.setdefault(_PROPOSE.get(ts, "-x="), []).append(str(p))
-    result = None
-    for flag, files in groups.items():
-        result = subprocess.run(["storescu", "-R", flag, "-aet", aet, "-aec", called, HOST, str(port), *files],
-                                capture_output=True, text=True, timeout=120, env=dcmtk_env())
-        if result.returncode != 0:
-            return result
-    return result
-
-
-def study_state(node, study_uid: str) -> str | None:
-    rows = node.db.query("SELECT state FROM studies WHERE study_uid=?", (study_uid,))
-    return rows[0]["state"] if rows else None
+from .conftest import (
+    HOST,
+    copy_study,
+    dcmtk_env,
+    free_port,
+    needs_dcmtk,
+    needs_orthanc,
+    storescu,
+    study_state,
+    wait_until,
+)
 
 
 @needs_dcmtk

@@ -1,0 +1,267 @@
+"""Ingest rate of the medclass DICOM node against dcmtk's storescp and pynetdicom's storescp app.
+
+The same files (``--instances`` copies of pydicom's CT_small.dcm, 39 kB, each with its own
+SOP Instance UID, over five studies) are sent by dcmtk ``storescu`` with 1 and 8 concurrent
+associations to
+
+- the medclass node (``medclass node``, a subprocess): each instance written, fsync'd,
+  renamed and committed to SQLite (``synchronous=FULL``) before the success status;
+- dcmtk ``storescp --fork`` (one process per association), writing to a folder, no fsync;
+- pynetdicom's ``storescp`` app (``python -m pynetdicom storescp``), writing to a folder, no fsync.
+
+``TCP_NODELAY=1`` is in the environment of every dcmtk process: without it Debian's dcmtk
+waits on Nagle's algorithm and the comparison is meaningless. Each server starts fresh for
+each measurement; the rate is instances acknowledged per wall-clock second, from starting the
+``storescu`` processes to the last one's exit, and the median of ``--repeats`` runs is
+reported. Every run is checked: every instance must be on the server's disk afterwards.
+
+The node's ``stable_seconds`` is an hour, so that no classification runs during the
+measurement (ingest only).
+
+Usage::
+
+    python bench/bench_node_ingest.py [--instances 500] [--repeats 3]
+    python bench/bench_node_ingest.py --smoke --instances 40 --repeats 1   # does it run?
+
+Result: ``bench/results/node-ingest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_testdata_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_result  # noqa: E402
+
+HOST = "127.0.0.1"
+OTHER_BENCHMARKS = "bench_zoo.py|bench_speed.py"
+
+
+def wait_for_quiet_machine(max_minutes: float = 15, every: float = 30) -> str | None:
+    """Wait until no other benchmark runs (``pgrep``); return a note when it never stopped."""
+    deadline = time.monotonic() + max_minutes * 60
+    while True:
+        busy = subprocess.run(["pgrep", "-f", OTHER_BENCHMARKS], capture_output=True, text=True).stdout.split()
+        busy = [p for p in busy if int(p) != os.getpid()]
+        if not busy:
+            return None
+        if time.monotonic() >= deadline:
+            note = (f"machine shared with another benchmark ({OTHER_BENCHMARKS} still running after waiting "
+                    f"{max_minutes:g} min)")
+            print(note, flush=True)
+            return note
+        print(f"another benchmark is running (pids {' '.join(busy)}); waiting", flush=True)
+        time.sleep(every)
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def dcmtk_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        with socket.socket() as s:
+            s.settimeout(1)
+            if s.connect_ex((HOST, port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+def write_instances(folder: Path, n: int, studies: int = 5) -> list[Path]:
+    """``n`` copies of CT_small.dcm with their own UIDs, over ``studies`` studies."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    uids = [(pydicom.uid.generate_uid(), pydicom.uid.generate_uid()) for _ in range(studies)]
+    out = []
+    for i in range(n):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = uids[i * studies // n]
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.InstanceNumber = i + 1
+        p = folder / f"ct{i:05d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        out.append(p)
+    return out
+
+
+def small_checkpoint(folder: Path) -> str:
+    """The node needs a model to start; it is never used here (stable_seconds is an hour)."""
+    from medclass.cli import QUICKSTART_DIR
+
+    if (QUICKSTART_DIR / "model.pt").is_file():
+        return str(QUICKSTART_DIR / "model.pt")
+    from medclass.training import TrainConfig, train
+
+    return train(TrainConfig(data="chest-pneumonia", model="resnet18", image_size=32, epochs=1, device="cpu",
+                             progress=False, out=str(folder / "model"))).checkpoint
+
+
+class Server:
+    """One receiver, started fresh in its own folder; ``stored()`` counts what reached its disk."""
+
+    def __init__(self, kind: str, root: Path, checkpoint: str) -> None:
+        self.kind, self.root, self.port = kind, root, free_port()
+        self.out = root / "data"
+        self.out.mkdir(parents=True)
+        if kind == "medclass-node":
+            args = [sys.executable, "-m", "medclass", "node", "--port", str(self.port), "--bind", HOST,
+                    "--checkpoint", checkpoint, "--data-dir", str(self.out), "--stable-seconds", "3600",
+                    "--device", "cpu", "--ae-title", "STORESCP"]
+        elif kind == "dcmtk-storescp":
+            args = ["storescp", "--fork", "-od", str(self.out), "-aet", "STORESCP", str(self.port)]
+        elif kind == "pynetdicom-storescp":
+            args = [sys.executable, "-m", "pynetdicom", "storescp", "-ba", HOST, "-od", str(self.out),
+                    "-aet", "STORESCP", str(self.port)]
+        else:
+            raise ValueError(kind)
+        self.log = open(root / "server.log", "ab")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=dcmtk_env(),
+                                     start_new_session=True)
+        wait_listening(self.port, self.proc)
+
+    def stored(self) -> int:
+        if self.kind == "medclass-node":
+            import sqlite3
+
+            with sqlite3.connect(self.out / "node.db") as c:
+                return c.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+        return sum(1 for p in self.out.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+        if self.kind == "dcmtk-storescp":  # --fork children end with their association; reap any stragglers
+            time.sleep(0.2)
+
+
+def send(port: int, files: list[Path], associations: int) -> float:
+    """Wall seconds for ``associations`` concurrent storescu processes to send ``files``."""
+    batches = [files[k::associations] for k in range(associations)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aet", f"BENCH{k}", "-aec", "STORESCP", HOST, str(port),
+                               *map(str, batch)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dcmtk_env())
+             for k, batch in enumerate(batches)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    wall = time.perf_counter() - t0
+    for p, out in zip(procs, outs):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed ({p.returncode}): {out.decode(errors='replace')[-1000:]}")
+    return wall
+
+
+def measure(kind: str, files: list[Path], associations: int, repeats: int, work: Path, checkpoint: str) -> dict:
+    size = sum(p.stat().st_size for p in files)
+    walls = []
+    for r in range(repeats):
+        server = Server(kind, work / f"{kind}-{associations}-{r}", checkpoint)
+        try:
+            wall = send(server.port, files, associations)
+            stored = server.stored()
+            if stored != len(files):
+                raise RuntimeError(f"{kind}: {stored} of {len(files)} instances on disk after the run")
+        finally:
+            server.stop()
+            shutil.rmtree(server.out, ignore_errors=True)
+        walls.append(wall)
+    wall = statistics.median(walls)
+    row = {"server": kind, "associations": associations, "instances": len(files), "bytes": size,
+           "wall_seconds_runs": [round(w, 3) for w in walls], "wall_seconds_median": round(wall, 3),
+           "instances_per_second": round(len(files) / wall, 1), "mb_per_second": round(size / wall / 1e6, 2)}
+    print(f"{kind:<20} {associations} assoc: {row['instances_per_second']:>7.1f} instances/s  "
+          f"{row['mb_per_second']:>6.2f} MB/s  (runs {row['wall_seconds_runs']} s)", flush=True)
+    return row
+
+
+def versions() -> dict:
+    import pynetdicom
+
+    dcmtk = subprocess.run(["storescp", "--version"], capture_output=True, text=True).stdout.splitlines()
+    import sqlite3
+
+    return {"dcmtk": dcmtk[0].strip("$ ") if dcmtk else None, "pynetdicom": pynetdicom.__version__,
+            "pydicom": pydicom.__version__, "sqlite": sqlite3.sqlite_version}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--instances", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--associations", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--smoke", action="store_true", help="check the script: no waiting, no result file")
+    ap.add_argument("--max-wait-minutes", type=float, default=15,
+                    help="wait at most this long for other benchmarks (bench_zoo.py, bench_speed.py) to end")
+    a = ap.parse_args(argv)
+    for tool in ("storescu", "storescp"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not installed (Debian: apt-get install dcmtk)")
+    note = None if a.smoke else wait_for_quiet_machine(a.max_wait_minutes)
+    load_before = load_average()
+    with tempfile.TemporaryDirectory(prefix="bench-node-ingest-") as tmp:
+        work = Path(tmp)
+        checkpoint = small_checkpoint(work)
+        files = write_instances(work / "in", a.instances)
+        rows = []
+        for associations in a.associations:
+            for kind in ("medclass-node", "dcmtk-storescp", "pynetdicom-storescp"):
+                rows.append(measure(kind, files, associations, a.repeats, work, checkpoint))
+    rate = {(r["server"], r["associations"]): r["instances_per_second"] for r in rows}
+    ratios = {f"node_vs_dcmtk_{k}_associations": round(rate[("medclass-node", k)] / rate[("dcmtk-storescp", k)], 3)
+              for k in a.associations}
+    payload = {
+        "benchmark": "node-ingest",
+        "what": "storescu -> receiver on loopback; instances acknowledged per second (median of runs)",
+        "file": "pydicom CT_small.dcm (128x128, 16-bit, Explicit VR Little Endian) with new UIDs",
+        "servers": {
+            "medclass-node": "medclass node (subprocess): write, fsync, rename, fsync dir, SQLite synchronous=FULL "
+                             "before success; stable_seconds 3600 (no classification during the run)",
+            "dcmtk-storescp": "storescp --fork -od DIR (no fsync)",
+            "pynetdicom-storescp": "python -m pynetdicom storescp -od DIR (no fsync)",
+        },
+        "tcp_nodelay": "TCP_NODELAY=1 in the environment of every process",
+        "results": rows,
+        **ratios,
+        "goal": "node >= 0.5 x dcmtk storescp with 8 associations",
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "conditions": note or "no other benchmark (bench_zoo.py, bench_speed.py) running",
+        "versions": versions(),
+    }
+    if not a.smoke:
+        write_result("node-ingest", payload)
+    print({k: v for k, v in payload.items() if k.startswith("node_vs")})
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The node's command line: Ctrl-C stops it cleanly, a busy port is one line, and
+``medclass quickstart`` ends by starting it (``--no-node`` skips that)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+
+import pytest
+
+from dicom_node.cli import main as node_main
+from medclass.cli import main as medclass_main
+
+from .conftest import HOST, free_port
+
+
+def test_ctrl_c_stops_the_node_cleanly(node_process, checkpoint, tmp_path):
+    port = free_port()
+    node = node_process(["--port", str(port), "--bind", HOST, "--checkpoint", str(checkpoint),
+                         "--data-dir", str(tmp_path / "data"), "--device", "cpu"]).start(port)
+    os.kill(node.proc.pid, signal.SIGINT)
+    assert node.proc.wait(30) == 0
+    log = node.log_path.read_text()
+    assert "Traceback" not in log
+    assert f"medclass node MEDCLASS on port {port}" in log
+    with socket.socket() as s:  # the port is free again
+        s.bind((HOST, port))
+
+
+def test_a_busy_port_is_one_line(checkpoint, tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind((HOST, 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert node_main(["--port", str(port), "--bind", HOST, "--checkpoint", str(checkpoint),
+                          "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot listen on {HOST}:{port}" in err and "--port" in err
+
+
+@pytest.mark.parametrize("no_node", [False, True])
+def test_quickstart_ends_by_starting_the_node(no_node, checkpoint, tmp_path, monkeypatch, capsys):
+    # The model exists, so quickstart only evaluates it; evaluation is not under test here
+    # (tests/test_tasks.py runs the real quickstart with --no-node).
+    out = tmp_path / "qs"
+    out.mkdir()
+    shutil.copy(checkpoint, out / "model.pt")
+    monkeypatch.setattr("medclass.evaluation.evaluate_checkpoint", lambda *a, **k: {})
+    monkeypatch.setattr("medclass.metrics.format_metrics", lambda m: "AUC 0.99")
+    started = []
+    monkeypatch.setattr("dicom_node.cli.main", lambda argv: started.append(argv) or 0)
+
+    args = ["quickstart", "--out", str(out), "--device", "cpu", "-q", "--node-port", "11999"]
+    assert medclass_main(args + (["--no-node"] if no_node else [])) == 0
+    text = capsys.readouterr().out
+    if no_node:
+        assert started == [] and "DicomModalities" not in text
+        return
+    assert started == [["--checkpoint", str(out / "model.pt"), "--port", "11999"]]
+    # How to point a PACS at it comes before the node starts serving.
+    assert '"DicomModalities" : { "medclass" : [ "MEDCLASS"' in text and "11999" in text
+    assert "/modalities/medclass/store" in text and "Ctrl-C stops it" in text
