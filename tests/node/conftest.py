@@ -141,7 +141,7 @@ class Orthanc:
             "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
             "DicomModalities": modalities, "Plugins": [], "SaveJobs": False, "HttpsCACertificates": "",
-            "StableAge": 1, "DicomScuTimeout": 10, "ConcurrentJobs": 1,
+            "StableAge": 1, "DicomScuTimeout": 60, "ConcurrentJobs": 1,
         }))
         self.proc: subprocess.Popen | None = None
 

@@ -92,7 +92,7 @@ def test_orthanc_pushes_a_mammogram_study_to_the_node(node_factory, orthanc_fact
     study_id = up["ParentStudy"]
     job = pacs.post("/modalities/medclass/store", {"Resources": [study_id], "Synchronous": True})
     assert job is not None
-    srs = wait_until(pacs.sr_instances, 90, 0.5, "the SR of the pushed study")
+    srs = wait_until(pacs.sr_instances, 240, 0.5, "the SR of the pushed study")
     assert len(srs) == 1
     mg = pydicom.dcmread(mammogram_paths[0], stop_before_pixels=True)
     assert srs[0].StudyInstanceUID == mg.StudyInstanceUID
