@@ -106,13 +106,18 @@ class SequenceRNN(ClassifierModule):
         return "attention" if x.dim() == 5 else "gradcam"
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Slice weights painted over each slice, ``(B, S, H, W)`` in [0, 1] (3D input)."""
-        if x.dim() != 5:
-            raise ValueError("attention_map of a CNN-RNN is per slice: pass a (B, C, S, H, W) volume")
+        """The RNN's attention painted back onto the input, in [0, 1].
+
+        3D input: one weight per slice, ``(B, S, H, W)``; 2D input: one weight
+        per feature-map row, stretched over the image's rows, ``(B, H, W)``.
+        """
         self.forward_features(x)
         a = self.last_attention
         a = a / a.amax(dim=1, keepdim=True).clamp(min=1e-12)
-        return a[:, :, None, None].expand(-1, -1, x.shape[3], x.shape[4])
+        if x.dim() == 5:
+            return a[:, :, None, None].expand(-1, -1, x.shape[3], x.shape[4])
+        rows = F.interpolate(a[:, None], size=x.shape[2], mode="nearest")[:, 0]
+        return rows[:, :, None].expand(-1, -1, x.shape[3])
 
 
 @register_model("cnn-gru", "rnn", input_kind="sequence",
