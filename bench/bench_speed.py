@@ -9,6 +9,7 @@ Run it on an otherwise idle machine. Results: ``bench/results/speed.json``.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -97,6 +98,7 @@ def main() -> None:
     materialize(mammo, list(range(len(mammo))), spec, workers=2)
     mammo_rate = len(mammo) / (time.perf_counter() - t0)
     write_result("speed", {
+        "conditions": os.environ.get("BENCH_CONDITIONS", "idle machine"),
         "image_size": SIZE, "batch_inference": 128, "batch_training": 64, "models": rows,
         "preprocess_br35h_images_per_second": round(br35h_rate, 1),
         "preprocess_mammogram_images_per_second": round(mammo_rate, 2),

@@ -90,6 +90,8 @@ def speed_section(speed: list[dict]) -> list[str]:
         f"{s['preprocess_br35h_images_per_second']:.0f} images/s; CBIS-DDSM mammograms (RLE, 16-bit, "
         f"~4,600 × 2,700) {s['preprocess_mammogram_images_per_second']:.2f} images/s.",
         "",
+        f"Conditions: {s.get('conditions', 'not recorded')}.",
+        "",
         f"Measured: {_machine(s['machine'])}.",
         "",
     ]
