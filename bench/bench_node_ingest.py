@@ -10,10 +10,12 @@ associations to
 - pynetdicom's ``storescp`` app (``python -m pynetdicom storescp``), writing to a folder, no fsync.
 
 ``TCP_NODELAY=1`` is in the environment of every dcmtk process: without it Debian's dcmtk
-waits on Nagle's algorithm and the comparison is meaningless. Each server starts fresh for
-each measurement; the rate is instances acknowledged per wall-clock second, from starting the
-``storescu`` processes to the last one's exit, and the median of ``--repeats`` runs is
-reported. Every run is checked: every instance must be on the server's disk afterwards.
+waits on Nagle's algorithm and the comparison is meaningless. The servers are the peers of
+:mod:`dicom_node.peers`, each started fresh for each run; the runs are interleaved (node,
+dcmtk, pynetdicom, node, ...) so that a change in the machine's load touches every server
+alike. The rate is instances acknowledged per wall-clock second, from starting the
+``storescu`` processes to the last one's exit; the median of ``--repeats`` runs is reported.
+Every run is checked: every instance must be on the server's disk afterwards.
 
 The node's ``stable_seconds`` is an hour, so that no classification runs during the
 measurement (ingest only).
@@ -31,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,10 +43,12 @@ from pathlib import Path
 import pydicom
 from pydicom.data import get_testdata_file
 
+from dicom_node.peers import HOST, DcmtkStoreSCP, NodeProcess, PeerProcess, PynetdicomStoreSCP, dcmtk_env
+
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 
-HOST = "127.0.0.1"
+SERVERS = ("medclass-node", "dcmtk-storescp", "pynetdicom-storescp")
 OTHER_BENCHMARKS = "bench_zoo.py|bench_speed.py"
 
 
@@ -68,29 +71,6 @@ def wait_for_quiet_machine(max_minutes: float = 15, every: float = 30) -> str | 
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def dcmtk_env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
-
-
-def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening")
-        with socket.socket() as s:
-            s.settimeout(1)
-            if s.connect_ex((HOST, port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
 
 
 def write_instances(folder: Path, n: int, studies: int = 5) -> list[Path]:
@@ -122,47 +102,35 @@ def small_checkpoint(folder: Path) -> str:
 
 
 class Server:
-    """One receiver, started fresh in its own folder; ``stored()`` counts what reached its disk."""
+    """One receiver (a :mod:`dicom_node.peers` peer), started fresh in its own folder."""
 
     def __init__(self, kind: str, root: Path, checkpoint: str) -> None:
-        self.kind, self.root, self.port = kind, root, free_port()
-        self.out = root / "data"
-        self.out.mkdir(parents=True)
+        self.kind = kind
         if kind == "medclass-node":
-            args = [sys.executable, "-m", "medclass", "node", "--port", str(self.port), "--bind", HOST,
-                    "--checkpoint", checkpoint, "--data-dir", str(self.out), "--stable-seconds", "3600",
-                    "--device", "cpu", "--ae-title", "STORESCP"]
+            self.data = root / "data"
+            self.peer: PeerProcess = NodeProcess(root, ["--checkpoint", checkpoint, "--data-dir", str(self.data),
+                                                        "--stable-seconds", "3600", "--device", "cpu",
+                                                        "--ae-title", "STORESCP"])
         elif kind == "dcmtk-storescp":
-            args = ["storescp", "--fork", "-od", str(self.out), "-aet", "STORESCP", str(self.port)]
+            self.peer = DcmtkStoreSCP(root, "STORESCP", fork=True)
         elif kind == "pynetdicom-storescp":
-            args = [sys.executable, "-m", "pynetdicom", "storescp", "-ba", HOST, "-od", str(self.out),
-                    "-aet", "STORESCP", str(self.port)]
+            self.peer = PynetdicomStoreSCP(root, "STORESCP")
         else:
             raise ValueError(kind)
-        self.log = open(root / "server.log", "ab")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=dcmtk_env(),
-                                     start_new_session=True)
-        wait_listening(self.port, self.proc)
+        self.peer.start()
+        self.port = self.peer.port
 
     def stored(self) -> int:
-        if self.kind == "medclass-node":
+        """How many instances reached the receiver's disk (the node: its database)."""
+        if isinstance(self.peer, NodeProcess):
             import sqlite3
 
-            with sqlite3.connect(self.out / "node.db") as c:
+            with sqlite3.connect(self.data / "node.db") as c:
                 return c.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
-        return sum(1 for p in self.out.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return len(self.peer.received())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-        if self.kind == "dcmtk-storescp":  # --fork children end with their association; reap any stragglers
-            time.sleep(0.2)
+        self.peer.stop(timeout=30)
 
 
 def send(port: int, files: list[Path], associations: int) -> float:
@@ -180,20 +148,22 @@ def send(port: int, files: list[Path], associations: int) -> float:
     return wall
 
 
-def measure(kind: str, files: list[Path], associations: int, repeats: int, work: Path, checkpoint: str) -> dict:
+def run_once(kind: str, files: list[Path], associations: int, root: Path, checkpoint: str) -> float:
+    """One fresh server, one send; returns the wall seconds after checking every instance reached its disk."""
+    server = Server(kind, root, checkpoint)
+    try:
+        wall = send(server.port, files, associations)
+        stored = server.stored()
+        if stored != len(files):
+            raise RuntimeError(f"{kind}: {stored} of {len(files)} instances on disk after the run")
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    return wall
+
+
+def summarise(kind: str, files: list[Path], associations: int, walls: list[float]) -> dict:
     size = sum(p.stat().st_size for p in files)
-    walls = []
-    for r in range(repeats):
-        server = Server(kind, work / f"{kind}-{associations}-{r}", checkpoint)
-        try:
-            wall = send(server.port, files, associations)
-            stored = server.stored()
-            if stored != len(files):
-                raise RuntimeError(f"{kind}: {stored} of {len(files)} instances on disk after the run")
-        finally:
-            server.stop()
-            shutil.rmtree(server.out, ignore_errors=True)
-        walls.append(wall)
     wall = statistics.median(walls)
     row = {"server": kind, "associations": associations, "instances": len(files), "bytes": size,
            "wall_seconds_runs": [round(w, 3) for w in walls], "wall_seconds_median": round(wall, 3),
@@ -201,6 +171,16 @@ def measure(kind: str, files: list[Path], associations: int, repeats: int, work:
     print(f"{kind:<20} {associations} assoc: {row['instances_per_second']:>7.1f} instances/s  "
           f"{row['mb_per_second']:>6.2f} MB/s  (runs {row['wall_seconds_runs']} s)", flush=True)
     return row
+
+
+def measure(files: list[Path], associations: int, repeats: int, work: Path, checkpoint: str) -> list[dict]:
+    """Every server ``repeats`` times, interleaved (node, dcmtk, pynetdicom, node, ...), so that a change in
+    the machine's load during the measurement touches every server alike."""
+    walls: dict[str, list[float]] = {kind: [] for kind in SERVERS}
+    for r in range(repeats):
+        for kind in SERVERS:
+            walls[kind].append(run_once(kind, files, associations, work / f"{kind}-{associations}-{r}", checkpoint))
+    return [summarise(kind, files, associations, walls[kind]) for kind in SERVERS]
 
 
 def versions() -> dict:
@@ -233,8 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         files = write_instances(work / "in", a.instances)
         rows = []
         for associations in a.associations:
-            for kind in ("medclass-node", "dcmtk-storescp", "pynetdicom-storescp"):
-                rows.append(measure(kind, files, associations, a.repeats, work, checkpoint))
+            rows += measure(files, associations, a.repeats, work, checkpoint)
     rate = {(r["server"], r["associations"]): r["instances_per_second"] for r in rows}
     ratios = {f"node_vs_dcmtk_{k}_associations": round(rate[("medclass-node", k)] / rate[("dcmtk-storescp", k)], 3)
               for k in a.associations}

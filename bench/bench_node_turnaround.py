@@ -26,70 +26,22 @@ Result: ``bench/results/node-turnaround.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 
+from dicom_node.peers import HOST, Orthanc, free_port, orthanc_executable
+
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_node_ingest import HOST, free_port, load_average, wait_for_quiet_machine  # noqa: E402
+from bench_node_ingest import load_average, wait_for_quiet_machine  # noqa: E402
 from common import write_result  # noqa: E402
 
 IMAGES = {"CT 128x128 (CT_small.dcm)": "CT_small.dcm", "CR chest 1955x1841 (RG1_UNCI.dcm)": "RG1_UNCI.dcm"}
-
-
-class Orthanc:
-    """Debian's Orthanc with its own config and storage, on free loopback ports."""
-
-    def __init__(self, root: Path, node_port: int) -> None:
-        self.dicom_port, self.http_port = free_port(), free_port()
-        root.mkdir(parents=True)
-        cfg = root / "orthanc.json"
-        cfg.write_text(json.dumps({
-            "Name": "bench", "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port,
-            "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-            "DicomModalities": {"medclass": ["MEDCLASS", HOST, node_port]}, "Plugins": [], "SaveJobs": False,
-        }))
-        exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-        self.log = open(root / "orthanc.log", "ab")
-        self.proc = subprocess.Popen([exe, str(cfg)], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.version = self.get("/system")["Version"]
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("Orthanc did not start") from None
-                time.sleep(0.2)
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://{HOST}:{self.http_port}{path}", timeout=30) as r:
-            return json.loads(r.read())
-
-    def lookup(self, uid: str) -> list:
-        req = urllib.request.Request(f"http://{HOST}:{self.http_port}/tools/lookup", data=uid.encode(),
-                                     method="POST")
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.log.close()
 
 
 def checkpoint_for_bench(folder: Path, given: str | None) -> tuple[str, str]:
@@ -152,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-wait-minutes", type=float, default=15,
                     help="wait at most this long for other benchmarks (bench_zoo.py, bench_speed.py) to end")
     a = ap.parse_args(argv)
-    if shutil.which("Orthanc") is None and not Path("/usr/sbin/Orthanc").exists():
+    if orthanc_executable() is None:
         sys.exit("Orthanc is not installed (Debian: apt-get install orthanc)")
     note = None if a.smoke else wait_for_quiet_machine(a.max_wait_minutes)
     load_before = load_average()
@@ -166,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt, model_note = checkpoint_for_bench(work, a.checkpoint)
         model_name = read_card(ckpt)["model"]["name"]
         node_port = free_port()
-        pacs = Orthanc(work / "orthanc", node_port)
+        pacs = Orthanc(work / "orthanc", {"medclass": ["MEDCLASS", HOST, node_port]}).start()
         node = DicomNode(NodeConfig(port=node_port, bind=HOST, data_dir=str(work / "node"), checkpoint=ckpt,
                                     return_to=f"ORTHANC@{HOST}:{pacs.dicom_port}", stable_seconds=a.stable_seconds,
                                     device="cpu")).start()

@@ -18,8 +18,8 @@ from .conftest import HOST, free_port
 
 def test_ctrl_c_stops_the_node_cleanly(node_process, checkpoint, tmp_path):
     port = free_port()
-    node = node_process(["--port", str(port), "--bind", HOST, "--checkpoint", str(checkpoint),
-                         "--data-dir", str(tmp_path / "data"), "--device", "cpu"]).start(port)
+    node = node_process(["--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "data"), "--device", "cpu"],
+                        port).start()
     os.kill(node.proc.pid, signal.SIGINT)
     assert node.proc.wait(30) == 0
     log = node.log_path.read_text()

@@ -62,7 +62,7 @@ def test_storescu_study_is_spooled_classified_and_sr_arrives_in_orthanc(node_fac
             for r in rows} == tss
 
     wait_until(lambda: study_state(node, study_uid) == "classified", 60, what="the study to be classified")
-    srs = wait_until(pacs.sr_instances, 60, 0.5, "the SR in Orthanc")
+    srs = wait_until(lambda: pacs.datasets("SR"), 60, 0.5, "the SR in Orthanc")
     assert len(srs) == 1
     sr = srs[0]
     assert sr.StudyInstanceUID == study_uid
@@ -92,7 +92,7 @@ def test_orthanc_pushes_a_mammogram_study_to_the_node(node_factory, orthanc_fact
     study_id = up["ParentStudy"]
     job = pacs.post("/modalities/medclass/store", {"Resources": [study_id], "Synchronous": True})
     assert job is not None
-    srs = wait_until(pacs.sr_instances, 240, 0.5, "the SR of the pushed study")
+    srs = wait_until(lambda: pacs.datasets("SR"), 240, 0.5, "the SR of the pushed study")
     assert len(srs) == 1
     mg = pydicom.dcmread(mammogram_paths[0], stop_before_pixels=True)
     assert srs[0].StudyInstanceUID == mg.StudyInstanceUID
@@ -225,10 +225,10 @@ def test_pacs_down_sr_is_retried_until_it_arrives_exactly_once(node_factory, ort
     assert row["state"] == "pending" and "refused or did not answer" in row["last_error"]
 
     pacs.start()
-    srs = wait_until(pacs.sr_instances, 60, 0.5, "the SR after the PACS came back")
+    srs = wait_until(lambda: pacs.datasets("SR"), 60, 0.5, "the SR after the PACS came back")
     wait_until(lambda: node.db.query("SELECT state FROM outbox")[0]["state"] == "sent", 20, what="outbox sent")
     time.sleep(2.5)  # longer than the largest retry delay: nothing more is sent
-    assert len(pacs.sr_instances()) == len(srs) == 1
+    assert len(pacs.datasets("SR")) == len(srs) == 1
     assert len(pacs.get("/instances")) == 1
 
 
@@ -239,10 +239,10 @@ def test_kill_9_mid_study_loses_nothing_and_the_sr_arrives_once(node_process, or
     node_port = free_port()
     pacs = orthanc_factory({"medclass": ["MEDCLASS", HOST, node_port]})
     data = tmp_path / "data"
-    args = ["--port", str(node_port), "--bind", HOST, "--checkpoint", str(checkpoint), "--data-dir", str(data),
+    args = ["--checkpoint", str(checkpoint), "--data-dir", str(data),
             "--return-to", f"ORTHANC@{HOST}:{pacs.dicom_port}", "--stable-seconds", "4", "--device", "cpu"]
     study = copy_study(ct_study, tmp_path / "study")
-    node = node_process(args).start(node_port)
+    node = node_process(args, node_port).start()
     assert storescu(node_port, study[:2]).returncode == 0  # acknowledged ...
     node.kill9()  # ... then the node dies before the study is stable
 
@@ -253,11 +253,11 @@ def test_kill_9_mid_study_loses_nothing_and_the_sr_arrives_once(node_process, or
     assert len(rows) == 2 and all(os.path.getsize(r["path"]) > 0 for r in rows)
     db.close()
 
-    node = node_process(args).start(node_port)
+    node = node_process(args, node_port).start()
     assert storescu(node_port, study[2:]).returncode == 0
-    srs = wait_until(pacs.sr_instances, 90, 0.5, "the SR after the restart")
+    srs = wait_until(lambda: pacs.datasets("SR"), 90, 0.5, "the SR after the restart")
     time.sleep(1)
-    assert len(pacs.sr_instances()) == len(srs) == 1
+    assert len(pacs.datasets("SR")) == len(srs) == 1
     assert read_classification_sr(srs[0])["study_uid"] == str(pydicom.dcmread(study[0]).StudyInstanceUID)
     db = JobDatabase(data / "node.db")
     assert db.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 4
