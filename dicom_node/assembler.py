@@ -5,6 +5,10 @@ DICOM has no "end of study" message, so the node waits, like Orthanc's
 where the node stopped: ``receiving`` → ``ready`` (stable) → ``classifying`` →
 ``classified`` (or ``skipped`` / ``failed``). A new instance for a study in any
 state sends it back to ``receiving``; its next result is a new revision.
+
+Quiet time counts only while the node listens: after a (re)start, a study that was
+still receiving gets ``stable_seconds`` again, because the rest of it could not arrive
+while the node was down (the sending PACS is retrying).
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ class StudyAssembler:
     def __init__(self, db: JobDatabase, stable_seconds: float) -> None:
         self.db = db
         self.stable_seconds = float(stable_seconds)
+        self.started = time.time()
 
     def recover(self) -> int:
         """After a restart: studies caught mid-classification are classified again."""
+        self.started = time.time()
         n = self.db.execute("UPDATE studies SET state='ready' WHERE state='classifying'")
         if n:
             log.info("%d studies were being classified when the node stopped; classifying them again", n)
@@ -42,6 +48,10 @@ class StudyAssembler:
         """Mark every study quiet for ``stable_seconds`` as ready; return their UIDs."""
         now = time.time() if now is None else now
         cutoff = now - self.stable_seconds
+        if self.started > cutoff:
+            # Within stable_seconds of the start: a study from before it may still be arriving, and one
+            # that began since cannot be quiet for long enough yet.
+            return []
         with self.db.connect() as c:
             rows = c.execute("SELECT study_uid FROM studies WHERE state='receiving' AND last_received <= ?",
                              (cutoff,)).fetchall()
