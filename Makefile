@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint debian-tools bench clean
+.PHONY: install run test lint debian-tools bench clean label
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/medclass quickstart
+
+# Serve the MONAI Label app: make label STUDIES=DIR [MODELS=resnet18] [CHECKPOINT=model.pt] [PORT=8000]
+# (STUDIES may also be a DICOMweb URL, e.g. http://127.0.0.1:8042/dicom-web for Orthanc).
+MODELS ?= resnet18
+PORT   ?= 8000
+label: install
+	@test -n "$(STUDIES)" || { echo "usage: make label STUDIES=DIR-or-DICOMweb-URL [MODELS=...] [CHECKPOINT=...]"; exit 2; }
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/monailabel start_server --app monailabel_app --studies "$(STUDIES)" \
+	  --host 127.0.0.1 --port $(PORT) --conf models $(MODELS) $(if $(CHECKPOINT),--conf checkpoint $(CHECKPOINT))
 
 # The Debian tools real peers of the tests: Orthanc (PACS), dcmtk, dicom3tools.
 debian-tools:

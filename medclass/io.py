@@ -132,7 +132,7 @@ def read_image(path: str | os.PathLike, *, apply_voi: bool = True) -> ImageData:
     if not p.exists():
         raise MedClassError(f"no such file: {p}", "check the path")
     if p.is_dir():
-        raise MedClassError(f"{p} is a folder, not an image file", "pass one image file")
+        return read_series(p, apply_voi=apply_voi)
     if p.stat().st_size == 0:
         raise MedClassError(f"{p} is empty (0 bytes)", "copy or export the file again")
     ext = _extension(p)
@@ -230,6 +230,54 @@ def read_dicom_dataset(ds: pydicom.Dataset, *, apply_voi: bool = True, name: str
     meta = _dicom_meta(ds, header_pi, frames)
     meta.update(format="dicom", path=getattr(ds, "filename", None) or name, voi_applied=voi)
     return ImageData(arr, meta)
+
+
+def read_series(folder: str | os.PathLike, *, apply_voi: bool = True) -> ImageData:
+    """Read a folder holding one DICOM series (e.g. a series fetched from a PACS).
+
+    One instance gives that image (2D, or a multi-frame volume); several
+    single-frame slices are sorted along the slice normal (Image Position
+    Patient), else by Instance Number, and stacked into a volume ``(C, D, H, W)``.
+
+    Raises
+    ------
+    MedClassError
+        The folder has no DICOM files, holds more than one series, or slices of
+        different sizes.
+    """
+    root = Path(folder)
+    files = sorted(f for f in root.rglob("*")
+                   if f.is_file() and (_extension(f) in DICOM_EXTENSIONS or _has_dicom_preamble(f)))
+    if not files:
+        raise MedClassError(f"{root} is a folder without DICOM files",
+                            "pass one image file, or a folder holding one DICOM series")
+    if len(files) == 1:
+        return read_dicom_dataset(_dcmread(files[0]), apply_voi=apply_voi, name=str(files[0]))
+    dsets = [_dcmread(f) for f in files]
+    series = {str(d.get("SeriesInstanceUID", "")) for d in dsets}
+    if len(series) > 1:
+        raise MedClassError(f"{root} holds {len(series)} series", "put one series per folder")
+
+    def position(d: pydicom.Dataset) -> float:
+        try:
+            o = np.asarray(d.ImageOrientationPatient, dtype=float)
+            return float(np.dot(np.cross(o[:3], o[3:]), np.asarray(d.ImagePositionPatient, dtype=float)))
+        except (AttributeError, ValueError, TypeError):
+            return float(d.get("InstanceNumber", 0) or 0)
+
+    dsets.sort(key=position)
+    images = [read_dicom_dataset(d, apply_voi=apply_voi, name=str(d.filename)) for d in dsets]
+    shapes = {im.array.shape for im in images}
+    if len(shapes) > 1 or images[0].array.ndim != 3:
+        raise MedClassError(f"{root}: the instances are not slices of one volume (shapes {sorted(shapes)})",
+                            "pass the instances one by one, or one series of equal-sized slices")
+    volume = np.stack([im.array for im in images], axis=1)  # (C, D, H, W)
+    meta = dict(images[0].meta)
+    meta.update(path=str(root), frames=len(images))
+    if meta.get("spacing") and len(dsets) > 1:
+        gap = abs(position(dsets[1]) - position(dsets[0])) or None
+        meta["spacing"] = (gap, *meta["spacing"][-2:])
+    return ImageData(np.ascontiguousarray(volume), meta)
 
 
 # --------------------------------------------------------------------------- DICOM

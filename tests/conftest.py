@@ -38,3 +38,103 @@ def trained(tmp_path_factory) -> Path:
                       limit=600, device="cpu", seed=0, progress=False)
     train(cfg)
     return out
+
+
+# --------------------------------------------------------------------------- MONAI Label
+
+
+class LabelServer:
+    """A running ``monailabel start_server`` with the project's app (see :func:`label_server`)."""
+
+    def __init__(self, url: str, model: str, classes: list[str], image_ids: list[str], studies: Path,
+                 model_dir: Path, log: Path, truth: dict[str, str]) -> None:
+        self.url, self.model, self.classes = url, model, classes
+        self.image_ids, self.studies, self.model_dir, self.log = image_ids, studies, model_dir, log
+        self.truth = truth  # image id -> the class its file came from (Br35H folder)
+
+
+def start_label_server(studies: Path, model_dir: Path, log: Path, conf: dict[str, str], env: dict | None = None):
+    """Start the real MONAI Label server on a free loopback port; returns (process, url)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = Path(__file__).resolve().parent.parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    venv_bin = Path(sys.executable).parent
+    args = [str(venv_bin / "monailabel"), "start_server", "--app", str(root / "monailabel_app"),
+            "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
+    for k, v in {"model_dir": str(model_dir), **conf}.items():
+        args += ["--conf", k, v]
+    # The launcher runs whichever python is first on PATH: this environment's.
+    full_env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+                "MONAILABEL_PYEXE": sys.executable, "MONAI_LABEL_SESSIONS": "false", **(env or {})}
+    out = open(log, "w")
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=studies.parent,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300  # start-up readiness, not a test time limit
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"monailabel exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url + "/info/", timeout=5) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+    stop_label_server(proc)
+    raise RuntimeError(f"monailabel did not answer on {url}:\n{log.read_text()[-4000:]}")
+
+
+def stop_label_server(proc) -> None:
+    import os
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, Exception):  # noqa: BLE001 - best effort, then kill
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def label_server(tmp_path_factory, trained, br35h_dir) -> LabelServer:
+    """The project's MONAI Label app serving the ``trained`` checkpoint over 40 real Br35H images.
+
+    Image ids are ``yes_<n>`` / ``no_<n>`` (the Br35H class folder and file
+    number); ``truth`` maps them to the model's class names (``no tumour``/``tumour``).
+    """
+    import shutil
+
+    from medclass.checkpoint import read_card
+
+    base = tmp_path_factory.mktemp("label")
+    studies = base / "studies"
+    studies.mkdir()
+    truth = {}
+    names = {"yes": "tumour", "no": "no tumour"}  # Br35H folders -> the model's class names
+    for cls in ("yes", "no"):
+        for p in sorted((br35h_dir / cls).glob("*.jpg"))[:20]:
+            dest = studies / f"{cls}_{p.stem}.jpg"
+            shutil.copy(p, dest)
+            truth[dest.stem] = names[cls]
+    # One corrupt JPEG: scoring must record it as a failure, never as a score.
+    (studies / "broken_image.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG" * 10)
+    card = read_card(trained / "model.pt")
+    proc, url = start_label_server(studies, base / "models", base / "server.log",
+                                   {"models": "resnet18", "checkpoint": str(trained / "model.pt"),
+                                    "epochs": "2"})
+    try:
+        yield LabelServer(url, "resnet18", list(card["task"]["classes"]), sorted(truth), studies,
+                          base / "models", base / "server.log", truth)
+    finally:
+        stop_label_server(proc)

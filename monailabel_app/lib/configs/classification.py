@@ -1,0 +1,115 @@
+"""The app's settings, from MONAI Label's ``--conf KEY VALUE`` pairs.
+
+========================  ==========================================================
+``models``                registry names, comma separated (default ``resnet18``;
+                          ``medclass models`` lists them)
+``checkpoint``            a ``model.pt`` to serve until the first training run
+                          (default: the quickstart model, ``runs/quickstart/model.pt``,
+                          when it exists)
+``classes`` / ``task``    class names (comma separated) and task type, for a
+                          project without a checkpoint yet
+``model_dir``             where published checkpoints live (default ``<app>/model``)
+``image_size``            training input size (default: the checkpoint's, else 64)
+``epochs``                default training epochs (a request's ``max_epochs`` wins)
+``hold_seconds``          how long an image handed out by ``/activelearning`` stays
+                          reserved for its annotator (default 600)
+``mc_samples``            Monte-Carlo dropout passes for BALD (default 10)
+``device``                ``auto`` (GPU when present), ``cpu`` or ``cuda``
+========================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medclass.checkpoint import read_card
+from medclass.errors import MedClassError
+from medclass.labeling import PublishedModel
+from medclass.models import model_info
+from medclass.tasks import Task
+
+DEFAULT_MODEL = "resnet18"
+QUICKSTART_CHECKPOINT = Path("runs") / "quickstart" / "model.pt"
+
+
+@dataclass
+class ModelSlot:
+    """One served model: its registry name, task and published checkpoint."""
+
+    name: str
+    task: Task
+    published: PublishedModel
+    image_size: int
+    dimension: int = 2
+
+
+@dataclass
+class AppConfig:
+    models: dict[str, ModelSlot] = field(default_factory=dict)
+    model_dir: Path = Path("model")
+    epochs: int = 10
+    hold_seconds: float = 600.0
+    mc_samples: int = 10
+    device: str = "auto"
+
+    @property
+    def task(self) -> Task:
+        """The labelling task (every model of one app labels the same classes)."""
+        return next(iter(self.models.values())).task
+
+
+def _task_from(conf: dict[str, str], card: dict | None) -> Task:
+    if conf.get("classes"):
+        classes = [c.strip() for c in conf["classes"].split(",") if c.strip()]
+        kind = conf.get("task") or ("binary" if len(classes) == 2 else "multiclass")
+        try:
+            return Task(kind, classes)
+        except ValueError as e:
+            raise MedClassError(f"--conf classes/task: {e}", "e.g. --conf classes normal,benign,malignant") from None
+    if card:
+        return Task(card["task"]["type"], list(card["task"]["classes"]))
+    raise MedClassError("the app does not know its classes: no checkpoint and no --conf classes",
+                        "start with --conf checkpoint MODEL.pt (e.g. from 'medclass quickstart') or "
+                        "--conf classes NAME1,NAME2[,...]")
+
+
+def load_config(app_dir: str, conf: dict[str, str]) -> AppConfig:
+    """Parse ``conf`` and prepare one :class:`ModelSlot` per model."""
+    names = [n.strip() for n in (conf.get("models") or DEFAULT_MODEL).split(",") if n.strip()]
+    for n in names:
+        model_info(n)  # unknown names fail here, with the registry's suggestions
+    cfg = AppConfig(
+        model_dir=Path(conf.get("model_dir") or Path(app_dir) / "model"),
+        epochs=int(conf.get("epochs", 10)),
+        hold_seconds=float(conf.get("hold_seconds", 600)),
+        mc_samples=int(conf.get("mc_samples", 10)),
+        device=conf.get("device", "auto"),
+    )
+    seed = Path(conf["checkpoint"]) if conf.get("checkpoint") else None
+    if seed is not None and not seed.is_file():
+        raise MedClassError(f"--conf checkpoint {seed}: no such file", "pass a model.pt written by 'medclass train'")
+    if seed is None and QUICKSTART_CHECKPOINT.is_file():
+        seed = QUICKSTART_CHECKPOINT
+    seed_card = read_card(seed) if seed else None
+    for n in names:
+        published = PublishedModel(cfg.model_dir / n / "model.pt", cfg.device)
+        card = published.card()
+        if card is None and seed_card is not None and seed_card.get("model", {}).get("name") == n:
+            published.publish(seed)  # serve the given checkpoint until the first training run
+            card = seed_card
+        task = _task_from(conf, card or seed_card)
+        pre = (card or {}).get("preprocess", {})
+        size = int(conf.get("image_size") or pre.get("image_size") or 64)
+        cfg.models[n] = ModelSlot(n, task, published, size, int(pre.get("spatial_dims", 2)))
+    tasks = {(s.task.type, tuple(s.task.classes)) for s in cfg.models.values()}
+    if len(tasks) > 1:
+        raise MedClassError(f"the models disagree on the classes: {sorted(tasks)}",
+                            "serve models of one labelling task per app (or pass --conf classes)")
+    return cfg
+
+
+def reset_model_dir(cfg: AppConfig) -> None:  # pragma: no cover - maintenance helper
+    """Forget every published checkpoint (start a project over)."""
+    shutil.rmtree(cfg.model_dir, ignore_errors=True)

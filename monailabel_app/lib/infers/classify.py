@@ -1,0 +1,85 @@
+"""``POST /infer/<model>``: class probabilities (and optionally a heat map) for one image."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from typing import Any
+
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from lib.configs.classification import ModelSlot
+from medclass.errors import MedClassError
+
+log = logging.getLogger(__name__)
+
+
+class ClassifyInfer(InferTask):
+    """Classify the image ``request["image"]`` (a file or a DICOM series folder).
+
+    The JSON result has ``label`` (class name, or names for multi-label),
+    ``probabilities`` (class → probability), ``classes``, ``model`` and
+    ``model_version``. With ``{"heatmap": true}`` in the request parameters the
+    result file is the Grad-CAM / attention heat map, in [0, 1], on the input's
+    voxel grid (NRRD); without it there is no result file.
+    """
+
+    def __init__(self, slot: ModelSlot) -> None:
+        super().__init__(type=InferType.CLASSIFICATION, labels=list(slot.task.classes), dimension=slot.dimension,
+                         description=f"{slot.name}: {slot.task.type} classification ({', '.join(slot.task.classes)})",
+                         config={"heatmap": False})
+        self.slot = slot
+
+    def info(self) -> dict[str, Any]:
+        d = super().info()
+        card = self.slot.published.card() or {}
+        d.update(task=self.slot.task.type, classes=list(self.slot.task.classes),
+                 trained=self.slot.published.exists, metrics=card.get("metrics", {}))
+        return d
+
+    def is_valid(self) -> bool:
+        return True  # listed before its first training, so that annotators see the classes
+
+    def __call__(self, request) -> tuple[str | None, dict[str, Any]]:
+        try:
+            clf = self.slot.published.classifier()
+        except MedClassError as e:
+            raise HTTPException(status_code=409, detail=f"{self.slot.name}: {e.message}. {e.remedy}") from None
+        path = request["image"]
+        try:
+            image = clf.read(path)
+            pred = clf.predict([image])[0]
+        except MedClassError as e:
+            raise HTTPException(status_code=422, detail=f"{e.message}. {e.remedy}") from None
+        result = {"label": pred.label, "probabilities": pred.probabilities, "classes": list(clf.classes),
+                  "model": self.slot.name, "model_version": self.slot.published.version,
+                  "task": clf.task.type}
+        if not _truthy(request.get("heatmap")):
+            return None, result
+        from medclass.explain import explain, to_image_space
+
+        try:
+            ex = explain(clf, image, request.get("class_name"))
+        except MedClassError as e:
+            raise HTTPException(status_code=422, detail=f"{e.message}. {e.remedy}") from None
+        heat = to_image_space(ex.heatmap, image.array.shape[1:])
+        out = tempfile.NamedTemporaryFile(suffix=".nrrd", delete=False).name
+        _write_like(heat, image, out)
+        result.update(heatmap_class=ex.class_name, heatmap_method=ex.method)
+        return out, result
+
+
+def _truthy(v) -> bool:
+    return str(v).lower() in ("1", "true", "yes", "on")
+
+
+def _write_like(heat, image, path: str) -> None:
+    """Write ``heat`` with the image's pixel spacing (NRRD, readable by Slicer)."""
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(heat.astype("float32"))
+    spacing = image.meta.get("spacing")
+    if spacing and all(spacing):
+        img.SetSpacing(tuple(float(s) for s in reversed(spacing[-heat.ndim:])))
+    sitk.WriteImage(img, path)

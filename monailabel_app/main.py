@@ -1,0 +1,85 @@
+"""SlicerMedClass as a MONAI Label app: image-level classification with active learning.
+
+Start it with ``monailabel start_server --app monailabel_app --studies DIR``
+(``make label STUDIES=DIR``). Everything model-related lives in ``medclass``;
+the classes under ``lib/`` adapt it to MONAI Label's task interfaces.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# The app's lib/ is imported as the package "lib" (MONAI Label puts the app folder on
+# sys.path); medclass is installed in the environment.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from lib.activelearning.strategies import ClassificationStrategy  # noqa: E402
+from lib.configs.classification import load_config  # noqa: E402
+from lib.datastore import DICOMwebClassificationDatastore, LocalClassificationDatastore  # noqa: E402
+from lib.infers.classify import ClassifyInfer  # noqa: E402
+from lib.scoring.uncertainty import NAME as SCORING  # noqa: E402
+from lib.scoring.uncertainty import UncertaintyScoring  # noqa: E402
+from lib.trainers.classify import ClassifyTrain  # noqa: E402
+from monailabel.config import settings  # noqa: E402
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+
+import medclass  # noqa: E402
+from medclass.active import STRATEGIES  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+class MedClassApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.cfg = load_config(app_dir, conf or {})
+        log.info("models: %s; classes: %s", ", ".join(self.cfg.models), ", ".join(self.cfg.task.classes))
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf or {}, name="SlicerMedClass",
+                         description="Image-level classification with active learning (binary, multi-class, "
+                                     "multi-label, ordinal) on the shared medclass models",
+                         version=medclass.__version__, labels=list(self.cfg.task.classes))
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return self.init_remote_datastore()
+        return LocalClassificationDatastore(self.studies, self.cfg.task)
+
+    def init_remote_datastore(self):
+        from monailabel.datastore.dicom import DICOMwebClientX
+
+        url = self.studies.rstrip("/")
+        client = DICOMwebClientX(url=url, session=None, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                                 stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+        return DICOMwebClassificationDatastore(client, self.cfg.task, settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+                                               cache)
+
+    def init_infers(self):
+        return {name: ClassifyInfer(slot) for name, slot in self.cfg.models.items()}
+
+    def init_trainers(self):
+        return {name: ClassifyTrain(slot, self.cfg) for name, slot in self.cfg.models.items()}
+
+    def init_strategies(self):
+        return {name: ClassificationStrategy(name, self.cfg) for name in STRATEGIES}
+
+    def init_scoring_methods(self):
+        return {SCORING: UncertaintyScoring(self.cfg)}
+
+    def infer(self, request, datastore=None):
+        image = request.get("image")
+        ds = datastore or self.datastore()
+        if isinstance(image, str) and image and not os.path.exists(image) and image not in ds.list_images():
+            from fastapi import HTTPException
+
+            raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore ({ds.name()})")
+        return super().infer(request, datastore)
+
+    def info(self):
+        d = super().info()
+        d["task"] = {"type": self.cfg.task.type, "classes": list(self.cfg.task.classes)}
+        d["label_format"] = ({"labels": ["<class>", "..."]} if self.cfg.task.type == "multilabel"
+                             else {"label": "<class>"})
+        return d
