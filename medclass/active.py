@@ -33,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Iterable, Iterator
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -271,26 +273,60 @@ def mc_dropout_probabilities(
     dev = loaded.device
     out = torch.empty(samples, 0, len(loaded.task.classes))
     chunks: list[torch.Tensor] = []
+
+    def probabilities(logits: torch.Tensor) -> torch.Tensor:
+        return loaded.task.probabilities(logits).float().cpu()
+
     with _modes_restored(model), _seeded(seed, dev):
         model.eval()
-        for m in dropouts:
-            m.train()
         with torch.inference_mode(), autocast(dev):
+            head_only: bool | None = None
             for xb, eb in _batches(x, extra, batch_size, dev):
-                rows = []
-                if dropouts:
-                    for _ in range(samples):
-                        rows.append(loaded.task.probabilities(model(xb, **eb)).float().cpu())
-                else:
-                    # The deterministic body once, the sampled dropout and head per sample.
+                if head_only is None:
+                    head_only = not dropouts or _dropout_ends_features(model, dropouts, xb, eb)
+                if head_only:
+                    # The deterministic body once, the sampled dropout and the head per sample:
+                    # the same distribution (and, seeded, the same draws) as full passes.
                     feats = model.forward_features(xb, **eb)
-                    for _ in range(samples):
-                        logits = model.head(nn.functional.dropout(feats, FALLBACK_DROPOUT, training=True))
-                        rows.append(loaded.task.probabilities(logits).float().cpu())
+                    if dropouts:
+                        dropouts[0].train()
+                        rows = [probabilities(model.head(dropouts[0](feats))) for _ in range(samples)]
+                        dropouts[0].eval()
+                    else:
+                        rows = [probabilities(model.head(nn.functional.dropout(feats, FALLBACK_DROPOUT, True)))
+                                for _ in range(samples)]
+                else:
+                    for m in dropouts:
+                        m.train()
+                    rows = [probabilities(model(xb, **eb)) for _ in range(samples)]
+                    for m in dropouts:
+                        m.eval()
                 chunks.append(torch.stack(rows))
     if chunks:
         out = torch.cat(chunks, dim=1)
     return out.numpy().astype(np.float64)
+
+
+def _dropout_ends_features(model: nn.Module, dropouts: list[nn.Module], xb: torch.Tensor, eb: dict) -> bool:
+    """Whether the model's only sampled dropout is the last step of ``forward_features``
+    and ``forward`` is ``head(forward_features)``: checked on a batch, not assumed.
+
+    The zoo's models put their dropout there; when this holds, MC dropout needs one
+    pass through the body and ``samples`` passes through the head only.
+    """
+    if len(dropouts) != 1 or not _has_features_head(model):
+        return False
+    seen: dict[str, torch.Tensor] = {}
+    handle = dropouts[0].register_forward_hook(lambda _m, _i, o: seen.__setitem__("out", o))
+    try:
+        feats = model.forward_features(xb, **eb)
+    finally:
+        handle.remove()
+    out = seen.get("out")
+    if not (isinstance(out, torch.Tensor) and isinstance(feats, torch.Tensor) and out.shape == feats.shape
+            and out.data_ptr() == feats.data_ptr()):
+        return False
+    return bool(torch.allclose(model.head(feats).float(), model(xb, **eb).float(), rtol=1e-3, atol=1e-4))
 
 
 def embeddings(loaded: LoadedModel, x: torch.Tensor, extra: dict | None = None, batch_size: int = 64) -> np.ndarray:
@@ -593,14 +629,305 @@ def select(
     return [int(candidates[i]) for i in picked]
 
 
+# --------------------------------------------------------------------------- simulation
+
+
+@dataclass
+class SimulationConfig:
+    """Settings of an active-learning simulation (``medclass al-sim``); flags map one to one.
+
+    The pool is the training split of ``data`` (split with ``split_seed``), the held-out
+    set its test split; both are preprocessed once at ``image_size``. Each seed starts
+    every strategy from the same stratified set of ``initial`` labelled images; each
+    round labels ``per_round`` more, chosen by the strategy, retrains from scratch and
+    records the held-out AUC, until ``budget`` labels are used. The full-data AUC (the
+    whole pool labelled) is measured per seed with the same model and recipe.
+    """
+
+    data: str = "br35h"
+    model: str = "cbam-resnet18"
+    model_args: dict[str, Any] = field(default_factory=lambda: {"width": 16})
+    image_size: int = 32
+    initial: int = 40
+    per_round: int = 40
+    budget: int = 600
+    seeds: tuple[int, ...] = (0, 1, 2)
+    strategies: tuple[str, ...] = ("random", "entropy", "margin", "bald", "coreset", "hybrid")
+    hybrid_score: str = "entropy"
+    epochs: int = 15
+    min_steps: int = 150
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    mc_samples: int = 10
+    split_seed: int = 0
+    target: float = 0.95
+    device: str = "auto"
+    threads: int | None = None  # torch CPU threads; 1 beats 2 on a CPU others are using too
+
+    def check(self) -> None:
+        """Raise :class:`MedClassError` for settings that cannot run."""
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown:
+            raise MedClassError(f"unknown strategy {', '.join(map(repr, unknown))}",
+                                f"use some of {', '.join(STRATEGIES)}")
+        if self.hybrid_score not in SCORE_METHODS:
+            raise MedClassError(f"unknown hybrid score {self.hybrid_score!r}", f"use one of {', '.join(SCORE_METHODS)}")
+        if not (0 < self.initial < self.budget) or self.per_round <= 0:
+            raise MedClassError(f"initial {self.initial}, per round {self.per_round}, budget {self.budget} do not "
+                                "make rounds", "use 0 < initial < budget and per_round > 0")
+        if not 0 < self.target <= 1:
+            raise MedClassError(f"target {self.target} is not a fraction of the full-data AUC", "use e.g. 0.95")
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int) -> list[int]:
+    """``n`` indices whose class proportions follow ``labels``' (at least one per class)."""
+    labels = np.asarray(labels)
+    key = labels.argmax(axis=1) if labels.ndim == 2 else labels
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(key, return_counts=True)
+    want = np.maximum(1, np.round(n * counts / counts.sum()).astype(int))
+    while want.sum() > n:  # rounding up may overshoot by a few
+        want[np.argmax(want)] -= 1
+    picks: list[int] = []
+    for c, w in zip(classes, want):
+        idx = np.flatnonzero(key == c)
+        picks += rng.permutation(idx)[:w].tolist()
+    return sorted(int(i) for i in picks)
+
+
+def fit_labelled(cfg: SimulationConfig, task, x: torch.Tensor, y: torch.Tensor, seed: int,
+                 device: torch.device) -> nn.Module:
+    """Train ``cfg.model`` from scratch on ``(x, y)`` with a fixed number of steps.
+
+    The recipe of :func:`medclass.training.train` (AdamW, one-cycle schedule,
+    class-weighted loss, :func:`~medclass.training.augment_batch`), without a
+    validation split: an annotation team starting out has none to spare, and a
+    simulation's model must not be selected on held-out images. Small labelled sets get
+    ``min_steps`` steps rather than ``epochs`` passes, which would be a handful of steps.
+    """
+    from medclass.models import create_model
+    from medclass.training import augment_batch
+
+    torch.manual_seed(seed)
+    model = create_model(cfg.model, spatial_dims=x.dim() - 2, in_channels=int(x.shape[1]),
+                         num_outputs=task.num_outputs, image_size=cfg.image_size, **cfg.model_args)
+    if not isinstance(model, nn.Module):
+        model.fit(x.numpy(), y.numpy())
+        return model
+    model.to(device)
+    if x.dim() == 4:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = task.loss(task.class_weights(y.numpy()).to(device)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(y)
+    steps = max(cfg.min_steps, math.ceil(cfg.epochs * n / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    step = 0
+    while step < steps:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm cannot train on a batch of one
+                continue
+            xb = augment_batch(x[idx], gen).to(device, non_blocking=True)
+            if xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                loss = criterion(model(xb).float(), y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= steps:
+                break
+            sched.step()
+    model.eval()
+    return model
+
+
+def labels_to_reach(curve: list[dict[str, float]], target_auc: float) -> int | None:
+    """Labels used at the first round whose held-out AUC reaches ``target_auc`` (None: never)."""
+    return next((int(p["labels"]) for p in curve if p["auc"] >= target_auc), None)
+
+
+def simulate(cfg: SimulationConfig, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the active-learning simulation described by ``cfg``.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable: ``config``, ``pool``/``test`` sizes, ``full`` (full-data AUC
+        per seed), ``curves`` (``{strategy: {seed: [{labels, auc, ...}]}}``), ``summary``
+        (labels each strategy needs to reach ``target`` x the full-data AUC, per seed and
+        mean, fraction of the pool, ratio to random) and ``wall_seconds``.
+    """
+    from dataclasses import asdict
+
+    from medclass.checkpoint import resolve_device
+    from medclass.data import load_dataset, materialize, split_samples
+    from medclass.inference import forward_probabilities
+    from medclass.metrics import compute_metrics
+    from medclass.training import TrainConfig
+
+    cfg.check()
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    ds = load_dataset(cfg.data)
+    task = ds.task
+    splits = split_samples(ds, cfg.split_seed)
+    spec = TrainConfig(data=cfg.data, image_size=cfg.image_size).preprocess_spec()
+    pool = materialize(ds, splits["train"], spec)
+    test = materialize(ds, splits["test"], spec)
+    n_pool = len(pool)
+    if cfg.budget > n_pool:
+        raise MedClassError(f"a budget of {cfg.budget} labels is more than the pool's {n_pool} images",
+                            f"use --budget <= {n_pool}")
+    y_test = test.y.numpy()
+
+    def auc_of(model: Any) -> float:
+        probs = forward_probabilities(LoadedModel(model, {}, task, device), test.x)
+        auc = compute_metrics(task.type, y_test, probs, task.classes)["auc"]
+        if auc is None:
+            raise MedClassError("the held-out split has a single class: no AUC", "use a larger dataset")
+        return float(auc)
+
+    trained: dict[tuple[int, ...], tuple[Any, float, float]] = {}
+
+    def train_on(idx: list[int], seed: int) -> tuple[Any, float, float]:
+        # Two strategies that picked the same images get the same model: training is
+        # seeded by (seed, label count), so it would be retrained identically. On a binary
+        # task entropy, margin and least confidence all rank by |p - 0.5|, and this keeps
+        # them from costing three times as much.
+        key = (seed, *sorted(idx))
+        if key not in trained:
+            t0 = time.perf_counter()
+            sel = torch.as_tensor(idx)
+            model = fit_labelled(cfg, task, pool.x[sel], pool.y[sel], seed, device)
+            trained[key] = (model, auc_of(model), time.perf_counter() - t0)
+        return trained[key]
+
+    def report(rec: dict[str, Any]) -> None:
+        log.info("al-sim %s", " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in rec.items()))
+        if on_round:
+            on_round(rec)
+
+    full: dict[str, float] = {}
+    curves: dict[str, dict[str, list[dict[str, float]]]] = {s: {} for s in cfg.strategies}
+    for seed in cfg.seeds:
+        _, full_auc, secs = train_on(list(range(n_pool)), _train_seed(seed, n_pool))
+        full[str(seed)] = full_auc
+        report({"seed": seed, "strategy": "full-data", "labels": n_pool, "auc": full_auc, "train_s": secs})
+        initial = stratified_subset(pool.y.numpy(), cfg.initial, seed)
+        # Every strategy of a seed starts from the same labelled set and first model, and
+        # trains with the same seed at the same label count (common random numbers).
+        model0, auc0, secs0 = train_on(initial, _train_seed(seed, len(initial)))
+        for strategy in cfg.strategies:
+            labelled, model, auc = list(initial), model0, auc0
+            curve = [{"labels": len(labelled), "auc": auc, "train_s": secs0, "select_s": 0.0}]
+            report({"seed": seed, "strategy": strategy, **curve[-1]})
+            rnd = 0
+            while len(labelled) < cfg.budget:
+                rnd += 1
+                t0 = time.perf_counter()
+                picks = _choose(cfg, strategy, model, task, device, pool, labelled,
+                                min(cfg.per_round, cfg.budget - len(labelled)), seed * 1000 + rnd)
+                select_s = time.perf_counter() - t0
+                if set(picks) & set(labelled) or len(set(picks)) != len(picks):
+                    raise RuntimeError(f"{strategy} picked an image twice")  # a bug, not a user error
+                labelled += picks
+                model, auc, secs = train_on(labelled, _train_seed(seed, len(labelled)))
+                curve.append({"labels": len(labelled), "auc": auc, "train_s": secs, "select_s": select_s})
+                report({"seed": seed, "strategy": strategy, **curve[-1]})
+            curves[strategy][str(seed)] = curve
+        trained.clear()
+    result = {
+        "config": {**asdict(cfg), "seeds": list(cfg.seeds), "strategies": list(cfg.strategies)},
+        "task": task.as_dict(), "dataset": ds.name, "pool": n_pool, "test": len(test),
+        "device": str(device), "full": full, "curves": curves,
+        "retrain": "from scratch every round",
+    }
+    result["summary"] = summarize(result)
+    result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    return result
+
+
+def _train_seed(seed: int, n_labels: int) -> int:
+    return seed * 100_003 + n_labels
+
+
+def _choose(cfg: SimulationConfig, strategy: str, model: Any, task, device: torch.device, pool, labelled: list[int],
+            k: int, seed: int) -> list[int]:
+    """Pool indices (not yet labelled) that ``strategy`` labels next."""
+    taken = set(labelled)
+    unlabelled = [i for i in range(len(pool)) if i not in taken]
+    if strategy == "random":
+        picks = select("random", k, pool_size=len(unlabelled), seed=seed)
+        return [unlabelled[i] for i in picks]
+    loaded = LoadedModel(model, {"model": {"name": cfg.model}}, task, device)
+    x_unl = pool.x[torch.as_tensor(unlabelled)]
+    method = cfg.hybrid_score if strategy == "hybrid" else strategy
+    methods = [method] if method in SCORE_METHODS else []
+    scores = score_pool(loaded, x_unl, methods=methods, mc_samples=cfg.mc_samples, seed=seed)
+    lab_emb = embeddings(loaded, pool.x[torch.as_tensor(labelled)]) if strategy in ("coreset", "hybrid") else None
+    picks = select(strategy, k, scores=scores.get(method), pool_embeddings=scores["embedding"],
+                   labelled_embeddings=lab_emb, seed=seed)
+    return [unlabelled[i] for i in picks]
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Labels each strategy needs to reach ``target`` x the mean full-data AUC.
+
+    Per seed: the labels at the first round at or above the target (None: not within the
+    budget). ``mean`` averages the seeds that reached it; ``reached`` counts them. The
+    fraction is of the pool; the ratio is to random's mean.
+    """
+    cfg = result["config"]
+    full_mean = float(np.mean(list(result["full"].values())))
+    target_auc = cfg["target"] * full_mean
+    out: dict[str, Any] = {"full_auc_mean": full_mean, "target_auc": target_auc, "strategies": {}}
+    for strategy, per_seed in result["curves"].items():
+        reach = {seed: labels_to_reach(curve, target_auc) for seed, curve in per_seed.items()}
+        hit = [v for v in reach.values() if v is not None]
+        mean_curve = _mean_curve(list(per_seed.values()))
+        out["strategies"][strategy] = {
+            "per_seed": reach,
+            "reached": len(hit),
+            "seeds": len(reach),
+            "mean": float(np.mean(hit)) if len(hit) == len(reach) and hit else None,
+            "mean_curve_labels": labels_to_reach(mean_curve, target_auc),
+            "final_auc_mean": mean_curve[-1]["auc"] if mean_curve else None,
+        }
+    random_mean = out["strategies"].get("random", {}).get("mean")
+    for s in out["strategies"].values():
+        s["pool_fraction"] = None if s["mean"] is None else s["mean"] / result["pool"]
+        s["ratio_to_random"] = None if s["mean"] is None or not random_mean else s["mean"] / random_mean
+    return out
+
+
+def _mean_curve(curves: list[list[dict[str, float]]]) -> list[dict[str, float]]:
+    if not curves:
+        return []
+    n = min(len(c) for c in curves)
+    return [{"labels": curves[0][i]["labels"], "auc": float(np.mean([c[i]["auc"] for c in curves]))}
+            for i in range(n)]
+
+
 __all__ = [
     "SCORE_METHODS",
     "STRATEGIES",
+    "SimulationConfig",
     "bald",
     "embeddings",
     "k_center_greedy",
     "mc_dropout_probabilities",
     "score_pool",
     "select",
+    "simulate",
     "uncertainty",
 ]

@@ -161,6 +161,27 @@ def test_mc_dropout_samples_only_dropout_and_leaves_batchnorm_and_modes_alone():
     assert bald(mc, "binary").min() >= 0 and bald(mc, "binary").max() > 0
 
 
+class PaddedNet(TinyNet):
+    """TinyNet whose embedding is not the dropout's own output: MC dropout must run full passes."""
+
+    def forward_features(self, x, **extra):
+        return super().forward_features(x, **extra) + 0.0
+
+
+def test_mc_dropout_runs_the_body_once_when_dropout_ends_the_features():
+    fast = _loaded(TinyNet())
+    slow = _loaded(PaddedNet())
+    slow.model.load_state_dict(fast.model.state_dict())
+    x = torch.randn(10, 1, 8, 8)
+    fast.model.calls = slow.model.calls = 0
+    a = mc_dropout_probabilities(fast, x, samples=6, seed=5, batch_size=4)
+    b = mc_dropout_probabilities(slow, x, samples=6, seed=5, batch_size=4)
+    # Same weights, same seed: the same dropout masks whichever way it is computed.
+    assert np.allclose(a, b, atol=1e-6)
+    assert fast.model.calls == 2 + 3  # the check on the first batch, then once per batch
+    assert slow.model.calls == 1 + 3 * 6  # the check, then every sample of every batch
+
+
 def test_mc_dropout_restores_train_mode_too_and_on_error():
     loaded = _loaded(TinyNet())
     model = loaded.model
