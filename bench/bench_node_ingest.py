@@ -5,7 +5,8 @@ SOP Instance UID, over five studies) are sent by dcmtk ``storescu`` with 1 and 8
 associations to
 
 - the medclass node (``medclass node``, a subprocess): each instance written, fsync'd,
-  renamed and committed to SQLite (``synchronous=FULL``) before the success status;
+  renamed, its folder fsync'd and its row committed to SQLite (``synchronous=FULL``) before
+  the success status; concurrent associations share folder fsyncs and commits (group commit);
 - dcmtk ``storescp --fork`` (one process per association), writing to a folder, no fsync;
 - pynetdicom's ``storescp`` app (``python -m pynetdicom storescp``), writing to a folder, no fsync.
 
@@ -223,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
         "file": "pydicom CT_small.dcm (128x128, 16-bit, Explicit VR Little Endian) with new UIDs",
         "servers": {
             "medclass-node": "medclass node (subprocess): write, fsync, rename, fsync dir, SQLite synchronous=FULL "
-                             "before success; stable_seconds 3600 (no classification during the run)",
+                             "before success, folder fsyncs and commits shared by concurrent associations (group "
+                             "commit); stable_seconds 3600 (no classification during the run)",
             "dcmtk-storescp": "storescp --fork -od DIR (no fsync)",
             "pynetdicom-storescp": "python -m pynetdicom storescp -od DIR (no fsync)",
         },

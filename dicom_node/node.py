@@ -95,6 +95,7 @@ class DicomNode:
         self._stop.set()
         self._wake_worker.set()
         self.scp.stop()
+        self.spool.close()
         for t in self._threads:
             t.join(timeout=30)
         self.metrics.stop()

@@ -2,10 +2,19 @@
 
 An instance is acknowledged (C-STORE status 0x0000) only after its bytes are on
 disk and its row is committed in SQLite: the bytes go to a temporary file, which
-is fsync'd, renamed into place (atomic on POSIX) and the folder fsync'd; then the
-row is committed with ``synchronous=FULL``. A ``kill -9`` or power cut after the
-acknowledgement loses nothing; one before it leaves at most a ``.part`` file, which
-the next start removes, and the sender retries.
+is fsync'd and renamed into place (atomic on POSIX); then the folder is fsync'd
+and the row committed with ``synchronous=FULL``. A ``kill -9`` or power cut after
+the acknowledgement loses nothing; one before it leaves at most a ``.part`` file
+(removed at the next start) or a file without its row (overwritten when the
+sender retries).
+
+Group commit: the association threads write and fsync their files concurrently
+(the kernel folds concurrent fsyncs into one journal commit), then hand the rest
+to one committer thread (:class:`GroupCommitter`), which fsyncs each folder of
+the waiting instances once, commits all their rows in one SQLite transaction
+(one WAL fsync) and only then releases every waiting association thread. Under
+load, one folder fsync and one database commit serve a whole batch instead of
+one instance; alone, an instance costs what it did before.
 
 One SQLite file (WAL) holds every piece of state, so that a restart resumes
 where the node stopped: ``instances``, ``studies`` (the assembler's and worker's
@@ -23,6 +32,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -133,13 +143,41 @@ def safe_name(uid: str) -> str:
     return uid if _UID_RE.match(uid) else "x" + hashlib.sha1(uid.encode()).hexdigest()
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that it survives a crash once this returns.
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder, so that the entries created or renamed in it survive a power cut."""
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
-    Temporary file in the same folder, fsync, atomic rename, fsync of the folder
-    (without the last step the rename itself may be lost on power failure).
+
+def make_dirs(folder: Path) -> set[Path]:
+    """Create ``folder`` and its missing parents; return the folders whose entries changed.
+
+    Those folders (the parents of every folder created) need an fsync before a file
+    inside the new folders counts as durable.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    created: list[Path] = []
+    d = folder
+    while not d.is_dir():
+        created.append(d)
+        d = d.parent
+    for c in reversed(created):
+        try:
+            c.mkdir()
+        except FileExistsError:  # another association thread made it first; it fsyncs the parent too
+            pass
+    return {c.parent for c in created}
+
+
+def write_file(path: Path, data: bytes) -> set[Path]:
+    """Write ``data`` to ``path`` (temporary file, fsync, atomic rename).
+
+    The file's bytes are durable when this returns; its name is once the returned
+    folders (its own and the parents of folders created for it) are fsync'd.
+    """
+    dirty = make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
@@ -155,11 +193,160 @@ def write_durably(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    return dirty | {path.parent}
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that it survives a crash once this returns.
+
+    Temporary file in the same folder, fsync, atomic rename, fsync of the folder
+    (without the last step the rename itself may be lost on power failure).
+    """
+    for d in write_file(path, data):
+        fsync_dir(d)
+
+
+_INSERT_INSTANCE = ("INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class, modality, path, "
+                    "size, calling_ae, received, skipped) VALUES (?,?,?,?,?,?,?,?,?,NULL)")
+# New data for a study already classified reopens it: the next result is a new revision.
+_UPSERT_STUDY = ("INSERT INTO studies (study_uid, first_received, last_received, n_instances) VALUES (?,?,?,0) "
+                 "ON CONFLICT(study_uid) DO UPDATE SET last_received=excluded.last_received, "
+                 "state=CASE WHEN state='receiving' THEN state ELSE 'receiving' END")
+_COUNT_STUDY = "UPDATE studies SET n_instances=(SELECT COUNT(*) FROM instances WHERE study_uid=?) WHERE study_uid=?"
+
+
+@dataclass
+class PendingInstance:
+    """One instance whose file is written and fsync'd, waiting for its folder fsync and its row."""
+
+    row: tuple[Any, ...]  # the instances row without ``received``
+    study_uid: str
+    dirs: set[Path]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class GroupCommitter:
+    """Makes the instances of concurrent associations durable together, in one committer thread.
+
+    :meth:`submit` blocks until the instance's folder is fsync'd and its row committed
+    (or raises what prevented it). The committer thread takes every instance waiting at
+    that moment, fsyncs their folders once each, inserts their rows and updates their
+    studies in one transaction, and wakes their submitters. An instance that arrives
+    while nothing is being committed or waiting (one association alone) is committed
+    by its own thread, which saves two thread switches; whatever arrives meanwhile
+    queues for the committer thread. One commit runs at a time.
+
+    Parameters
+    ----------
+    db : JobDatabase
+    max_batch : int
+        At most this many instances per transaction.
+    """
+
+    def __init__(self, db: JobDatabase, max_batch: int = 512) -> None:
+        self.db = db
+        self.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._queue: list[PendingInstance] = []
+        self._busy = False  # a commit is running (in the committer thread or inline)
+        self._closing = False
+        self.batches = 0
+        self.committed = 0
+        self._thread = threading.Thread(target=self._run, name="medclass-node-committer", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: PendingInstance) -> None:
+        """Commit one instance, with whatever else is waiting; return once it is durable.
+
+        Raises
+        ------
+        OSError
+            A folder fsync failed (disk full, I/O error).
+        sqlite3.Error
+            The database refused the row.
+        """
+        with self._cond:
+            # Alone, closed (the node is stopping) or without a committer thread: commit here.
+            inline = not self._busy and not self._queue or self._closing or not self._thread.is_alive()
+            if inline:
+                while self._busy:
+                    self._cond.wait()
+                self._busy = True
+            else:
+                self._queue.append(item)
+                self._cond.notify_all()
+        if inline:
+            try:
+                self._commit([item])
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+
+    def close(self) -> None:
+        """Commit what is queued, then end the committer thread (later submits commit inline)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._busy or not (self._queue or self._closing):
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+                self._busy = True
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _commit(self, batch: list[PendingInstance]) -> None:
+        try:
+            try:
+                for d in set().union(*(item.dirs for item in batch)):
+                    fsync_dir(d)
+            except OSError as e:  # none of them is durable
+                for item in batch:
+                    item.error = e
+                return
+            try:
+                self._insert(batch)
+            except Exception as e:
+                if len(batch) == 1:
+                    batch[0].error = e
+                    return
+                for item in batch:  # find the culprit: one at a time, each with its own outcome
+                    try:
+                        self._insert([item])
+                    except Exception as e1:
+                        item.error = e1
+        except BaseException as e:  # never leave a submitter waiting
+            for item in batch:
+                item.error = item.error or e
+            raise
+        finally:
+            self.batches += 1
+            self.committed += sum(1 for item in batch if item.error is None)
+            for item in batch:
+                item.done.set()
+
+    def _insert(self, batch: list[PendingInstance]) -> None:
+        now = time.time()
+        studies = list(dict.fromkeys(item.study_uid for item in batch))
+        with self.db.connect() as c:
+            c.executemany(_INSERT_INSTANCE, [(*item.row, now) for item in batch])
+            c.executemany(_UPSERT_STUDY, [(uid, now, now) for uid in studies])
+            c.executemany(_COUNT_STUDY, [(uid, uid) for uid in studies])
 
 
 class Spool:
@@ -177,12 +364,12 @@ class Spool:
         self.spool_dir = self.root / "spool"
         self.quarantine_dir = self.root / "quarantine"
         self.db = db
-        # SQLite takes one writer at a time; its busy handler sleeps up to 100 ms between
-        # tries, which stalls concurrent associations. Queueing the writers here costs nothing.
-        self._commit_lock = threading.Lock()
         for d in (self.spool_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._remove_partials()
+        # The only writer of instance rows: SQLite takes one writer at a time, and its busy
+        # handler sleeps up to 100 ms between tries, which would stall concurrent associations.
+        self.committer = GroupCommitter(db)
 
     def _remove_partials(self) -> None:
         # A .part file is an instance that was never acknowledged: the sender retries it.
@@ -193,23 +380,27 @@ class Spool:
               modality: str | None, calling_ae: str | None) -> Path:
         """Persist one instance and record it; returns once both are durable.
 
-        A second copy of the same SOP Instance UID replaces the first (a PACS
-        resending a study), and counts as new activity for the study.
+        Safe to call from many threads at once: their folder fsyncs and database
+        commits are done together (:class:`GroupCommitter`). A second copy of the
+        same SOP Instance UID replaces the first (a PACS resending a study), and
+        counts as new activity for the study.
+
+        Raises
+        ------
+        OSError
+            The file or its folder could not be written (disk full, permissions).
+        sqlite3.Error
+            The row could not be committed.
         """
         path = self.spool_dir / safe_name(study_uid) / safe_name(series_uid) / f"{safe_name(sop_uid)}.dcm"
-        write_durably(path, data)
-        now = time.time()
-        with self._commit_lock, self.db.connect() as c:
-            c.execute("INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class, modality, path, "
-                      "size, calling_ae, received, skipped) VALUES (?,?,?,?,?,?,?,?,?,NULL)",
-                      (sop_uid, study_uid, series_uid, sop_class, modality, str(path), len(data), calling_ae, now))
-            # New data for a study already classified reopens it: the next result is a new revision.
-            c.execute("INSERT INTO studies (study_uid, first_received, last_received, n_instances) VALUES (?,?,?,1) "
-                      "ON CONFLICT(study_uid) DO UPDATE SET last_received=excluded.last_received, "
-                      "n_instances=(SELECT COUNT(*) FROM instances WHERE study_uid=excluded.study_uid), "
-                      "state=CASE WHEN state='receiving' THEN state ELSE 'receiving' END",
-                      (study_uid, now, now))
+        dirs = write_file(path, data)
+        self.committer.submit(PendingInstance(
+            (sop_uid, study_uid, series_uid, sop_class, modality, str(path), len(data), calling_ae), study_uid, dirs))
         return path
+
+    def close(self) -> None:
+        """Commit what is waiting and stop the committer thread (later stores commit inline)."""
+        self.committer.close()
 
     def quarantine(self, data: bytes | None, reason: str, *, calling_ae: str | None = None,
                    sop_uid: str | None = None, study_uid: str | None = None, source: Path | None = None) -> Path:
