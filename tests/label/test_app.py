@@ -125,10 +125,21 @@ def test_label_for_an_unknown_image_is_404(label_server):
     assert r.status_code == 404, r.text
 
 
-def _wait_for_scoring(server) -> None:
-    # The server scores by itself at start-up and after training / next-sample requests.
-    while requests.get(f"{server.url}/scoring/", params={"check_if_running": "true"}, timeout=60).status_code == 200:
+def _wait_for(server, kind: str) -> dict:
+    """The latest train/scoring task once it has finished (the server also scores by itself
+    at start-up and after training and next-sample requests)."""
+    while True:
+        r = requests.get(f"{server.url}/{kind}/", timeout=60)
+        if r.status_code == 404:  # none ever started
+            return {}
+        task = r.json()
+        if task["status"] not in ("SUBMITTED", "RUNNING"):
+            return task
         time.sleep(1)
+
+
+def _wait_for_scoring(server) -> None:
+    _wait_for(server, "scoring")
 
 
 def test_scoring_stores_scores_and_reports_failures(label_server):
@@ -183,9 +194,7 @@ def test_training_reports_metrics_and_changes_the_served_model(label_server):
         assert _put_label(label_server, image_id, {"label": label_server.truth[image_id]}).status_code == 200
     r = requests.post(f"{url}/train/{model}", json={"max_epochs": 2}, timeout=60)
     assert r.status_code == 200, r.text
-    while requests.get(f"{url}/train/", params={"check_if_running": "true"}, timeout=60).status_code == 200:
-        time.sleep(2)
-    status = requests.get(f"{url}/train/", timeout=60).json()
+    status = _wait_for(label_server, "train")
     assert status["status"] == "DONE", status
     metric_lines = [ln for ln in status["details"] if ln.startswith("metrics ")]
     assert metric_lines, status["details"]
