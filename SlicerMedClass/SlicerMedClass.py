@@ -31,7 +31,7 @@ from SlicerMedClassLib.dependencies import (
     missing_packages,
 )
 from SlicerMedClassLib.logic import ClassificationLogic
-from SlicerMedClassLib.results import result_from_server, training_progress
+from SlicerMedClassLib.results import training_progress
 from SlicerMedClassLib.volumes import require_volume
 
 #: Volume attribute: the MONAI Label datastore id of a volume fetched with Next sample.
@@ -328,18 +328,24 @@ class SlicerMedClassWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         className = None if explain in ("", PREDICTED) else explain
         if self._useServer():
             client, model = self._requireClient(), self._requireModel()
-            imageId = volume.GetAttribute(IMAGE_ID_ATTRIBUTE) if volume is not None else None
+            require_volume(volume)
+            imageId = volume.GetAttribute(IMAGE_ID_ATTRIBUTE)
+            folder = self.logic.downloadFolder()
+            params = {"class_name": className} if className else None
             if imageId:
-                call = lambda: client.infer(model, imageId)  # noqa: E731
-            else:
+                call = lambda: client.infer_heatmap(model, folder, image_id=imageId, params=params)  # noqa: E731
+            else:  # a volume of this scene: upload it (NRRD keeps its geometry)
                 path = self.logic.saveVolumeForUpload(volume)
-                call = lambda: client.infer_file(model, path)  # noqa: E731
+                call = lambda: client.infer_heatmap(model, folder, file=path, params=params)  # noqa: E731
             source = f"{client.server_url}/{model}"
-            self._runInBackground(
-                "Classify", call,
-                lambda response: self._showResult(result_from_server(response, self.serverModels.get(model), source),
-                                                  volume),
-                f"Classifying with {model} on the server...")
+
+            def done(value):
+                answer, heatFile = value
+                result = self.logic.classification.server_result(volume, answer, heatFile,
+                                                                  self.serverModels.get(model), source)
+                self._showResult(result, volume)
+
+            self._runInBackground("Classify", call, done, f"Classifying with {model} on the server...")
             return
         if not self.logic.installDependencies(askConfirmation=True):
             raise ValueError("SlicerMedClass's Python dependencies are not installed; classify again to install them, "
@@ -420,7 +426,8 @@ class SlicerMedClassWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         folder = self.logic.downloadFolder()
 
         def fetch():
-            sample = client.next_sample(strategy)
+            # Scores the datastore first when an uncertainty strategy has no scores yet.
+            sample = client.next_sample_scored(strategy, info=self.serverInfo or None)
             if sample is None:
                 return None
             return sample["id"], client.download_image(sample["id"], folder)

@@ -9,8 +9,10 @@ FastAPI endpoints (``monailabel/endpoints``):
 ``info()``             ``GET /info/``
 ``infer()``            ``POST /infer/{model}?image=ID&output=json`` (form field ``params``)
 ``infer_file()``       the same with the image uploaded as the form file ``file``
+``infer_heatmap()``    ``output=all`` with ``{"heatmap": true}``: JSON plus the heat-map file
 ``save_label()``       ``PUT /datastore/label?image=ID&tag=final`` (file ``label``: JSON)
 ``next_sample()``      ``POST /activelearning/{strategy}`` (JSON body)
+``score()``            ``POST /scoring/{method}?run_sync=true`` (uncertainty scores for strategies)
 ``datastore()``        ``GET /datastore/?output=stats``
 ``train()``            ``POST /train/{model}`` (JSON body: the train request's params)
 ``train_status()``     ``GET /train/`` (``?check_if_running=true`` for the fast check)
@@ -29,6 +31,7 @@ import json
 import os
 import re
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -39,7 +42,7 @@ from typing import Any
 DEFAULT_TIMEOUT = 60.0
 #: Active-learning strategies a classification app is expected to offer; the widget
 #: shows the ones the server's ``/info/`` lists, these only when it lists none.
-DEFAULT_STRATEGIES = ("random", "entropy", "margin", "bald", "diversity", "hybrid")
+DEFAULT_STRATEGIES = ("random", "entropy", "margin", "least-confidence", "bald", "coreset", "hybrid")
 
 
 class MonaiLabelError(ValueError):
@@ -74,6 +77,8 @@ def _remedy(status: int, path: str) -> str:
     if status == 422:
         return "the request was malformed; check the parameters"
     if status == 429:
+        if path.startswith("/scoring"):
+            return "scoring is already running on the server; wait for it to finish"
         return "a training task is already running; wait for it or stop it first"
     if 400 <= status < 500:
         return "correct the request as the server's message says"
@@ -279,6 +284,56 @@ class MonaiLabelClient:
                                        {"file": (p.name, p.read_bytes(), "application/octet-stream")})
         return self._json("POST", f"/infer/{self._quote(model)}", {"output": "json"}, body, ctype)
 
+    def infer_heatmap(self, model: str, dest: str | os.PathLike, image_id: str | None = None,
+                      file: str | os.PathLike | None = None,
+                      params: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path | None]:
+        """Classify a datastore image (``image_id``) or an uploaded ``file`` and fetch the heat map too.
+
+        Asks with ``{"heatmap": true}`` and ``output=all``: MONAI Label then answers
+        ``multipart/form-data`` with the JSON result (``params``) and the heat-map
+        file (NRRD, on the image's voxel grid), or plain JSON when there is none.
+
+        Returns
+        -------
+        (dict, Path or None)
+            The JSON result, and the heat-map file written into the folder ``dest``.
+        """
+        if not image_id and file is None:
+            raise ValueError("give a datastore image id or a file to classify")
+        files = {}
+        if file is not None:
+            p = Path(file)
+            if not p.is_file():
+                raise ValueError(f"no such file to upload: {p}")
+            files["file"] = (p.name, p.read_bytes(), "application/octet-stream")
+        fields = {"params": json.dumps(self._with_client_id({**(params or {}), "heatmap": True}))}
+        ctype, body = encode_multipart(fields, files)
+        path = f"/infer/{self._quote(model)}"
+        query = {"image": image_id or None, "output": "all"}
+        status, headers, data = self._send("POST", path, query, body, ctype)
+        url = self._url(path, query)
+        answer_type = headers.get("content-type", "")
+        if "multipart" not in answer_type:
+            try:
+                return json.loads(data.decode("utf-8")), None
+            except (UnicodeDecodeError, ValueError):
+                raise MonaiLabelError(f"{url} answered HTTP {status} with neither JSON nor multipart data; "
+                                      "is this a MONAI Label server?", url, status) from None
+        fields_in, files_in = parse_multipart(answer_type, data)
+        try:
+            answer = json.loads(fields_in.get("params") or "{}")
+        except ValueError:
+            raise MonaiLabelError(f"{url}: the result part of the answer is not JSON", url, status) from None
+        heat = None
+        if files_in:
+            name, content = next(iter(files_in.items()))
+            folder = Path(dest)
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = _safe_name(image_id or Path(file).name.split(".")[0])
+            heat = folder / f"{stem}_heatmap{_suffixes(name) or '.nrrd'}"
+            heat.write_bytes(content)
+        return answer, heat
+
     # ------------------------------------------------------------------ datastore and labels
 
     def save_label(self, image_id: str, label: str | None = None, labels: list[str] | None = None,
@@ -342,6 +397,63 @@ class MonaiLabelClient:
             return None
         return result
 
+    def scoring_methods(self, info: dict[str, Any] | None = None) -> list[str]:
+        """Scoring methods the server offers (they compute what uncertainty strategies rank by)."""
+        info = self.info() if info is None else info
+        return list((info.get("scoring") or {}).keys())
+
+    def score(self, method: str, run_sync: bool = True, params: dict[str, Any] | None = None) -> Any:
+        """Run a scoring method over the datastore (``run_sync``: wait for it; it can take minutes)."""
+        query = {"run_sync": "true" if run_sync else "false"}
+        return self._json_body("POST", f"/scoring/{self._quote(method)}", params or None, query)
+
+    def scoring_running(self) -> bool:
+        """Whether a scoring task runs on the server now."""
+        try:
+            return bool(self._json("GET", "/scoring/", {"check_if_running": "true"}, timeout=min(self.timeout, 15.0)))
+        except MonaiLabelError as e:
+            if e.status == 404:  # MONAI Label's answer for "no scoring task running"
+                return False
+            raise
+
+    def next_sample_scored(self, strategy: str, client_id: str | None = None, info: dict[str, Any] | None = None,
+                           max_wait: float = 1800.0, poll: float = 1.0) -> dict[str, Any] | None:
+        """:meth:`next_sample`, scoring the datastore first when the strategy has no scores yet.
+
+        Uncertainty strategies rank images by the scores the scoring task stores;
+        until it has run (it also runs after each training) the app answers HTTP
+        409. Then this waits for a scoring task already running, or runs every
+        scoring method the server lists, and asks again. Meant for a worker
+        thread: it blocks for as long as scoring takes (at most ``max_wait`` s).
+        """
+        try:
+            return self.next_sample(strategy, client_id)
+        except MonaiLabelError as e:
+            if e.status != 409:
+                raise
+            methods = self.scoring_methods(info)
+            if not methods:
+                raise
+        deadline = time.monotonic() + max_wait
+        for method in methods:
+            while True:
+                self._wait_for_scoring(deadline, poll)
+                try:
+                    self.score(method, run_sync=True)
+                    break
+                except MonaiLabelError as e:
+                    if e.status != 429:  # 429: another scoring started meanwhile; wait for it
+                        raise
+        self._wait_for_scoring(deadline, poll)
+        return self.next_sample(strategy, client_id)
+
+    def _wait_for_scoring(self, deadline: float, poll: float) -> None:
+        while self.scoring_running():
+            if time.monotonic() > deadline:
+                raise MonaiLabelError(f"scoring on {self.server_url} is still running; ask for the next sample "
+                                      "again later", self._url("/scoring/"))
+            time.sleep(poll)
+
     # ------------------------------------------------------------------ training
 
     def train(self, model: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -381,6 +493,29 @@ def class_names(model_info: dict[str, Any]) -> list[str]:
     if isinstance(labels, dict):
         return [str(k) for k, _ in sorted(labels.items(), key=lambda kv: (kv[1], str(kv[0])))]
     return [str(x) for x in labels]
+
+
+def parse_multipart(content_type: str, body: bytes) -> tuple[dict[str, str], dict[str, bytes]]:
+    """Split a ``multipart/form-data`` answer into form fields and files (filename -> bytes)."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for part in msg.iter_parts():
+        payload = part.get_payload(decode=True) or b""
+        filename = part.get_filename()
+        if filename:
+            files[filename] = payload
+        else:
+            name = part.get_param("name", header="content-disposition") or ""
+            fields[str(name)] = payload.decode(part.get_content_charset() or "utf-8", "replace")
+    return fields, files
+
+
+def _suffixes(name: str) -> str:
+    return "".join(Path(name).suffixes[-2:])
 
 
 def _safe_name(text: str) -> str:

@@ -323,19 +323,59 @@ class ClassificationLogic:
     # ------------------------------------------------------------------ heat-map node
 
     def _heatmap_node(self, volume_node, job: ClassificationJob):
+        return self.store_heatmap(volume_node, job.heat, job.explained_class, job.method, job.checkpoint,
+                                  job.slice_index)
+
+    def store_heatmap(self, volume_node, heat: np.ndarray, explained_class: str | None = None,
+                      method: str | None = None, source: str = "", slice_index: int | None = None):
+        """Put a heat map ``(K, J, I)`` on ``volume_node``'s grid into the scene (reusing its last one)."""
+        dims = volume_node.GetImageData().GetDimensions()
+        if tuple(heat.shape) != (dims[2], dims[1], dims[0]):
+            raise ValueError(f"a heat map of shape {tuple(heat.shape)} does not fit volume "
+                             f"{volume_node.GetName()!r} ({dims[2]}x{dims[1]}x{dims[0]} voxels)")
         node = volume_node.GetNodeReference(HEATMAP_REFERENCE_ROLE)
         if node is None or self.scene.GetNodeByID(node.GetID()) is None:
             node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
                                                 self.scene.GenerateUniqueName(f"{volume_node.GetName()} heat map"))
             volume_node.SetNodeReferenceID(HEATMAP_REFERENCE_ROLE, node.GetID())
-        slicer.util.updateVolumeFromArray(node, job.heat)
+        slicer.util.updateVolumeFromArray(node, np.clip(np.nan_to_num(heat), 0.0, 1.0).astype(np.float32))
         copy_geometry(volume_node, node)
         node.SetAttribute("SlicerMedClass.source", volume_node.GetID())
-        node.SetAttribute("SlicerMedClass.class", job.explained_class or "")
-        node.SetAttribute("SlicerMedClass.method", job.method or "")
-        node.SetAttribute("SlicerMedClass.checkpoint", job.checkpoint)
-        node.SetAttribute("SlicerMedClass.slice", "" if job.slice_index is None else str(job.slice_index))
+        node.SetAttribute("SlicerMedClass.class", explained_class or "")
+        node.SetAttribute("SlicerMedClass.method", method or "")
+        node.SetAttribute("SlicerMedClass.checkpoint", source)
+        node.SetAttribute("SlicerMedClass.slice", "" if slice_index is None else str(slice_index))
         return node
+
+    def server_result(self, volume_node, answer: dict[str, Any], heatmap_file=None, classes=None,
+                      source: str = "") -> ClassificationResult:
+        """A MONAI Label infer answer (and its heat-map file) as a result on ``volume_node``.
+
+        The server computes the heat map on the image's own voxel grid, which is
+        the grid of the volume Slicer loaded from the same file; it is given the
+        volume's IJK-to-RAS matrix. A map that does not fit is reported, not shown.
+        """
+        from SlicerMedClassLib.results import result_from_server
+
+        result = result_from_server(answer, classes, source)
+        if heatmap_file is None:
+            result.note = "the server sent no heat map"
+            return result
+        require_volume(volume_node)
+        heat = read_heatmap_file(heatmap_file)
+        dims = volume_node.GetImageData().GetDimensions()
+        if heat.ndim == 2:
+            heat = heat[None]
+        if tuple(heat.shape) != (dims[2], dims[1], dims[0]):
+            result.note = (f"the server's heat map ({'x'.join(map(str, heat.shape))}) does not fit this volume "
+                           f"({dims[2]}x{dims[1]}x{dims[0]}); it is not shown")
+            return result
+        result.heatmap_node = self.store_heatmap(volume_node, heat, answer.get("heatmap_class"),
+                                                 answer.get("heatmap_method"), source)
+        result.explained_class = answer.get("heatmap_class")
+        result.method = answer.get("heatmap_method")
+        result.note = None
+        return result
 
     # ------------------------------------------------------------------ display (MRML only)
 
@@ -425,6 +465,17 @@ class ClassificationLogic:
 
     def _composite_nodes(self) -> list:
         return self._nodes("vtkMRMLSliceCompositeNode")
+
+
+def read_heatmap_file(path) -> np.ndarray:
+    """Voxels of a heat-map file (NRRD, NIfTI, MetaImage) in KJI order, with Slicer's own reader."""
+    scene = slicer.vtkMRMLScene()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    if not storage.ReadData(node) or node.GetImageData() is None:
+        raise ValueError(f"cannot read the heat map {path}; the server sent a file Slicer cannot read")
+    return np.array(slicer.util.arrayFromVolume(node), dtype=np.float32, copy=True)
 
 
 def jet_colors(n: int = 256) -> list[tuple[float, float, float]]:
