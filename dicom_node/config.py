@@ -27,10 +27,13 @@ A ``node.toml`` (every key optional)::
     to = "URGENT@10.0.0.9:104"
     priority = "high"
 
-    [tls]                                      # optional
-    cert = "node.crt"
+    [tls]                                      # optional (dicom_node.tls)
+    cert = "node.crt"                          # the node accepts TLS only, and shows this to peers
     key = "node.key"
-    ca = "ca.crt"                              # optional: require client certificates
+    ca = "ca.crt"                              # optional: require client certificates signed by it
+    peer_ca = "peers.crt"                      # optional: trust for the peers it sends to (default: ca)
+    send = true                                # SR and forwards over TLS: true, false or ["AET", ...]
+    check_hostname = true                      # the peer's certificate must name its host
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ class NodeConfig:
     allow: list[dict[str, str]] = field(default_factory=list)
     routes: list[dict[str, str]] = field(default_factory=list)
     forward: list[dict[str, str]] = field(default_factory=list)
-    tls: dict[str, str] | None = None
+    tls: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title.strip()) <= 16:
@@ -143,10 +146,8 @@ class NodeConfig:
             if not a.get("ae_title") or set(a) - {"ae_title", "host"}:
                 raise MedClassError(f"[[allow]] entry {a} needs 'ae_title' (and optionally 'host')",
                                     'write e.g. ae_title = "ORTHANC", host = "10.0.0.5"')
-        if self.tls is not None and (not self.tls.get("cert") or not self.tls.get("key")
-                                     or set(self.tls) - {"cert", "key", "ca"}):
-            raise MedClassError(f"[tls] {self.tls} needs 'cert' and 'key' (and optionally 'ca')",
-                                'write e.g. cert = "node.crt", key = "node.key"')
+        if self.tls is not None:
+            _check_tls(self.tls)
 
     @property
     def return_destination(self) -> Destination | None:
@@ -155,6 +156,26 @@ class NodeConfig:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+
+_TLS_PATHS = ("cert", "key", "ca", "peer_ca")
+_TLS_KEYS = (*_TLS_PATHS, "send", "check_hostname")
+
+
+def _check_tls(tls: dict[str, Any]) -> None:
+    if not tls.get("cert") or not tls.get("key") or set(tls) - set(_TLS_KEYS):
+        raise MedClassError(f"[tls] {tls} needs 'cert' and 'key' (and optionally {', '.join(_TLS_KEYS[2:])})",
+                            'write e.g. cert = "node.crt", key = "node.key"')
+    for k in _TLS_PATHS:
+        if k in tls and not isinstance(tls[k], str):
+            raise MedClassError(f"[tls] {k} = {tls[k]!r} should be a file name", f'write e.g. {k} = "node.crt"')
+    send = tls.get("send", True)
+    if not isinstance(send, bool) and not (isinstance(send, list) and all(isinstance(a, str) for a in send)):
+        raise MedClassError(f"[tls] send = {send!r} should be true, false or a list of AE titles",
+                            'write e.g. send = ["ORTHANC", "URGENT"] (the AE titles of return_to and [[forward]])')
+    if not isinstance(tls.get("check_hostname", True), bool):
+        raise MedClassError(f"[tls] check_hostname = {tls['check_hostname']!r} should be true or false",
+                            "write check_hostname = false only for peers whose certificates name no host")
 
 
 def default_checkpoint() -> str | None:
@@ -207,7 +228,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
             if r.get("checkpoint"):
                 r["checkpoint"] = str(base / r["checkpoint"])
         if values.get("tls"):
-            values["tls"] = {k: str(base / str(v)) for k, v in values["tls"].items()}
+            values["tls"] = {k: str(base / v) if k in _TLS_PATHS and isinstance(v, str) else v
+                             for k, v in values["tls"].items()}
     values.update({k: v for k, v in overrides.items() if v is not None})
     if not values.get("checkpoint") and not values.get("routes"):
         values["checkpoint"] = default_checkpoint()

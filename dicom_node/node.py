@@ -11,6 +11,7 @@ from dicom_node.metrics import NodeMetrics
 from dicom_node.scp import StorageSCP
 from dicom_node.sender import OutboxSender
 from dicom_node.spool import JobDatabase, Spool
+from dicom_node.tls import client_context
 from dicom_node.worker import InferenceWorker
 from medclass.checkpoint import read_card
 
@@ -41,7 +42,8 @@ class DicomNode:
                               on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc())
         self.assembler = StudyAssembler(self.db, config.stable_seconds)
         self.worker = InferenceWorker(config, self.db, self.spool, self.metrics)
-        self.sender = OutboxSender(config, self.db, self.spool, self.metrics)
+        # The node's own sends go over TLS as [tls] says (fails here, at start, when a file is unreadable).
+        self.sender = OutboxSender(config, self.db, self.spool, self.metrics, ssl_context=client_context(config.tls))
         self._stop = threading.Event()
         self._wake_worker = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -23,6 +23,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node.config import NodeConfig
 from dicom_node.spool import Spool
+from dicom_node.tls import server_context
 from medclass.errors import MedClassError
 
 log = logging.getLogger("dicom_node.scp")
@@ -142,14 +143,7 @@ class StorageSCP:
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """A server TLS context from ``[tls]`` (cert, key, optional ca to require client certificates)."""
-        tls = self.config.tls
-        if not tls:
-            return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.get("ca"))
-        ctx.load_cert_chain(tls["cert"], tls["key"])
-        if tls.get("ca"):
-            ctx.verify_mode = ssl.CERT_REQUIRED
-        return ctx
+        return server_context(self.config.tls)
 
     # ---------------------------------------------------------------- handlers
 

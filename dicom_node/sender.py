@@ -18,12 +18,14 @@ from typing import Any
 
 import pydicom
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.metrics import NodeMetrics
+from dicom_node.scp import set_tcp_nodelay
 from dicom_node.spool import JobDatabase, Spool
+from dicom_node.tls import sends_tls
 
 log = logging.getLogger("dicom_node.sender")
 
@@ -42,7 +44,8 @@ class OutboxSender:
     spool : Spool
     metrics : NodeMetrics
     ssl_context : ssl.SSLContext, optional
-        For peers reached over TLS.
+        The client context for peers reached over TLS (:func:`dicom_node.tls.client_context`);
+        used for the destinations ``[tls] send`` names (all of them by default).
     """
 
     def __init__(self, config: NodeConfig, db: JobDatabase, spool: Spool, metrics: NodeMetrics,
@@ -132,11 +135,15 @@ class OutboxSender:
         ae = AE(ae_title=self.config.ae_title)
         ae.requested_contexts = requested
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-        tls = (self.ssl_context, dest.host) if self.ssl_context else None
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+        use_tls = self.ssl_context is not None and sends_tls(self.config.tls, dest.ae_title)
+        tls = (self.ssl_context, dest.host) if use_tls else None
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
         if not assoc.is_established:
-            raise SendError(f"{dest} refused or did not answer the association (is it running, and does it know "
-                            f"AE {self.config.ae_title}?)")
+            hint = (" over TLS (does it speak TLS, is its certificate signed by [tls] peer_ca and does it name "
+                    f"{dest.host}, and does it trust the node's certificate?)" if use_tls else
+                    f" (is it running, and does it know AE {self.config.ae_title}?)")
+            raise SendError(f"{dest} refused or did not answer the association{hint}")
         try:
             accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
             for p in paths:

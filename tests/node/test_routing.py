@@ -152,6 +152,8 @@ _BAD = {
     "missing model": ('[[routes]]\nmodality = "CT"\ncheckpoint = "missing.pt"\n', "no such checkpoint"),
     "allow without AE title": ('[[allow]]\nhost = "10.0.0.5"\n', "needs 'ae_title'"),
     "tls without key": ('[tls]\ncert = "node.crt"\n', "needs 'cert' and 'key'"),
+    "tls send not a list": ('[tls]\ncert = "node.crt"\nkey = "node.key"\nsend = "ORTHANC"\n',
+                            "should be true, false or a list of AE titles"),
 }
 
 
