@@ -1,8 +1,9 @@
 """Turnaround of the medclass DICOM node: from a study becoming stable to its SR stored in Orthanc.
 
 A real Orthanc (Debian's ``Orthanc``, its own config on free loopback ports) is the PACS. The
-node runs in this process exactly as ``medclass node`` runs it (same class, same 0.2 s
-polling), on CPU. One-image studies are sent one at a time; for each, the node's own
+node runs in this process exactly as ``medclass node`` runs it (same class, same threads:
+the worker is woken when a study becomes stable and the sender when a report is queued, with
+0.2 s polling only as a fallback), on CPU. One-image studies are sent one at a time; for each, the node's own
 clock gives
 
 - ``stable``: when the assembler declared the study complete (``stable_seconds`` after the
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device": "cpu",
         "stable_seconds": a.stable_seconds,
         "node_poll_seconds": 0.2,
+        "node_wakeups": "assembler at the next study's stable time, worker when a study is stable, sender when "
+                        "a report or forward is queued; poll_seconds is the fallback",
         "orthanc": pacs.version,
         "results": results,
         "goal": "p95 <= 1 s on CPU for a one-image study",

@@ -44,6 +44,14 @@ class StudyAssembler:
             log.info("%d studies were being classified when the node stopped; classifying them again", n)
         return n
 
+    def seconds_until_next_stable(self, now: float | None = None) -> float:
+        """Seconds until the next study still receiving becomes stable (``inf`` when none is)."""
+        now = time.time() if now is None else now
+        last = self.db.query("SELECT MIN(last_received) AS t FROM studies WHERE state='receiving'")[0]["t"]
+        if last is None:
+            return float("inf")
+        return max(0.0, max(last, self.started) + self.stable_seconds - now)
+
     def poll(self, now: float | None = None) -> list[str]:
         """Mark every study quiet for ``stable_seconds`` as ready; return their UIDs."""
         now = time.time() if now is None else now

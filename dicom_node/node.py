@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 from dicom_node.assembler import StudyAssembler
 from dicom_node.config import NodeConfig
@@ -25,7 +26,10 @@ class DicomNode:
     ----------
     config : NodeConfig
     poll_seconds : float
-        How often the background threads look for work.
+        The longest the background threads sleep between looks for work. They are woken
+        sooner when there is some: the worker when a study becomes stable, the sender when
+        the worker has queued a report or a forward, the assembler when the next study is
+        due to become stable.
     """
 
     def __init__(self, config: NodeConfig, poll_seconds: float = 0.2) -> None:
@@ -45,7 +49,9 @@ class DicomNode:
         # The node's own sends go over TLS as [tls] says (fails here, at start, when a file is unreadable).
         self.sender = OutboxSender(config, self.db, self.spool, self.metrics, ssl_context=client_context(config.tls))
         self._stop = threading.Event()
+        # Work queued by one thread wakes the next at once: assembler -> worker -> sender.
         self._wake_worker = threading.Event()
+        self._wake_sender = threading.Event()
         self._threads: list[threading.Thread] = []
         self.metrics_port: int | None = None
 
@@ -65,37 +71,44 @@ class DicomNode:
             self.metrics_port = self.metrics.serve(self.config.metrics_port if self.config.metrics_port > 0 else 0,
                                                    addr=self.config.bind)
             log.info("metrics on http://%s:%d/metrics", self.config.bind, self.metrics_port)
-        for name, fn in (("assembler", self._assemble), ("worker", self._work), ("sender", self._send)):
-            t = threading.Thread(target=self._loop, args=(name, fn), name=f"medclass-node-{name}", daemon=True)
+        for name, fn, wake in (("assembler", self._assemble, self._stop), ("worker", self._work, self._wake_worker),
+                               ("sender", self._send, self._wake_sender)):
+            t = threading.Thread(target=self._loop, args=(name, fn, wake), name=f"medclass-node-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         return self
 
-    def _assemble(self) -> None:
+    def _assemble(self) -> float:
         if self.assembler.poll():
             self._wake_worker.set()
+        # Sleep until the next study is due to become stable, checking at least every poll seconds.
+        return min(self.poll, self.assembler.seconds_until_next_stable())
 
-    def _work(self) -> None:
+    def _work(self) -> float:
+        self._wake_worker.clear()  # before looking, so that a study marked ready meanwhile wakes the next wait
         while not self._stop.is_set() and self.worker.run_once():
-            pass
-        self._wake_worker.wait(self.poll)
-        self._wake_worker.clear()
+            self._wake_sender.set()  # a report or forward may be queued: send it now, not at the next poll
+        return self.poll
 
-    def _send(self) -> None:
+    def _send(self) -> float:
+        self._wake_sender.clear()
         self.sender.run_once()
+        return self.poll
 
-    def _loop(self, name: str, fn) -> None:
+    def _loop(self, name: str, fn: Callable[[], float], wake: threading.Event) -> None:
+        """Run ``fn`` until the node stops; between runs wait for ``wake`` or for the seconds ``fn`` returned."""
         while not self._stop.is_set():
             try:
-                fn()
+                timeout = fn()
             except Exception:  # a background thread must survive (e.g. the database busy for a moment)
                 log.exception("%s: unexpected error; continuing", name)
-            if name != "worker":
-                self._stop.wait(self.poll)
+                timeout = self.poll
+            wake.wait(max(timeout, 0.001))
 
     def stop(self) -> None:
         self._stop.set()
         self._wake_worker.set()
+        self._wake_sender.set()
         self.scp.stop()
         self.spool.close()
         for t in self._threads:
