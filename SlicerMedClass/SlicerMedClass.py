@@ -85,7 +85,7 @@ class SlicerMedClassWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.result = None
         self.classButtons = []
         self.classButtonGroup = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=4)
         self._pending = []  # (future, on_done, key)
         self._busy = set()
         self.multilabel = False
@@ -173,30 +173,29 @@ class SlicerMedClassWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def _collectFinished(self):
+        # Take the list first: a callback may start more background work.
+        pending, self._pending = self._pending, []
         still = []
-        for future, onDone, key in self._pending:
+        for future, onDone, key in pending:
             if not future.done():
                 still.append((future, onDone, key))
                 continue
             self._busy.discard(key)
+            self._status("")
             try:
-                value = future.result()
-                onDone(value)
+                onDone(future.result())
             except ValueError as e:  # the logic's user-facing errors
                 self._showError(str(e))
             except Exception as e:  # a bug: keep the traceback in the log
                 logging.exception("SlicerMedClass: %s failed", key)
                 self._showError(f"{key} failed unexpectedly ({type(e).__name__}: {e}); see the Python console")
-            finally:
-                self._status("")
-        self._pending = still
-        if not still:
+        self._pending = still + self._pending
+        if not self._pending:
             self.pollTimer.stop()
         self.updateButtons()
 
     def _guard(self, fn, *args):
         """Call ``fn`` and show a ValueError in the error label instead of raising it."""
-        self._showError("")
         try:
             return fn(*args)
         except ValueError as e:
@@ -274,7 +273,7 @@ class SlicerMedClassWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCheckpointChanged(self, path):
         self.updateButtons()
-        if not path or self._useServer() or missing_packages():
+        if not path or not os.path.exists(path) or self._useServer() or missing_packages():
             return
         names = self._guard(self.logic.classification.class_names, path)
         if names:
