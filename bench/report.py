@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
@@ -155,6 +157,108 @@ def node_section(ingest: list[dict], turn: list[dict]) -> list[str]:
     return out
 
 
+def al_section(runs: list[dict]) -> list[str]:
+    """Does active learning pay? From ``bench/bench_al.py`` (``medclass al-sim``)."""
+    if not runs:
+        return []
+    r = runs[-1]
+    cfg, sm = r["config"], r["summary"]
+    seeds = [str(s) for s in cfg["seeds"]]
+    strategies = sm["strategies"]
+    budget, pool = cfg["budget"], r["pool"]
+    args = ", ".join(f"{k}={v}" for k, v in cfg["model_args"].items())
+    out = [
+        "## Does active learning pay? Simulated annotation on Br35H",
+        "",
+        f"`python bench/bench_al.py` (`{r.get('command', 'medclass al-sim')}`): the pool is Br35H's training "
+        f"split ({pool:,} images, labels hidden), the held-out set its test split ({r['test']} images), both "
+        f"preprocessed once at {cfg['image_size']} px. Each seed starts every strategy from the same stratified "
+        f"{cfg['initial']} labelled images; each round the strategy picks {cfg['per_round']} more, the model "
+        f"({cfg['model']}, {args}) is retrained **from scratch** (the training recipe: AdamW lr {cfg['lr']}, "
+        f"one-cycle, class-weighted loss, batch augmentation; {cfg['epochs']} epochs or at least "
+        f"{cfg['min_steps']} steps of {cfg['batch_size']}, no validation split) and its held-out AUC recorded, "
+        f"up to {budget} labels ({budget / pool:.0%} of the pool). BALD: {cfg['mc_samples']} MC-dropout samples "
+        f"(dropout only, BatchNorm frozen); coreset: k-center greedy on the model's embeddings; hybrid: the "
+        f"{4 * cfg['per_round']} highest {cfg['hybrid_score']} scores, then k-center among them. The full-data "
+        f"AUC is the same recipe with all {pool:,} pool images labelled, per seed: "
+        + ", ".join(f"{float(v):.4f}" for v in r["full"].values())
+        + f" (mean {sm['full_auc_mean']:.4f}); the target is {cfg['target']:.0%} of the mean, AUC "
+        f"{sm['target_auc']:.4f}.",
+        "",
+        f"Labels needed to reach the target (first round at or above it; seeds {', '.join(seeds)}):",
+        "",
+        "| strategy | " + " | ".join(f"seed {s}" for s in seeds)
+        + " | mean | fraction of the pool | vs random | AUC at " + f"{budget} labels (mean) |",
+        "| --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- | --- |",
+    ]
+    random = strategies.get("random")
+    # A seed that never reached the target needed more than the budget: a lower bound.
+    random_floor = None if random is None else float(np.mean([v or budget for v in random["per_seed"].values()]))
+    for name, s in sorted(strategies.items(), key=lambda kv: _al_sort_key(kv[1], budget)):
+        per_seed = [("> %d" % budget) if s["per_seed"].get(k) is None else str(s["per_seed"][k]) for k in seeds]
+        if s["mean"] is not None:
+            mean, frac = f"{s['mean']:.0f}", f"{s['mean'] / pool:.1%}"
+        else:
+            floor = float(np.mean([v or budget for v in s["per_seed"].values()]))
+            mean, frac = f"> {floor:.0f}", f"> {floor / pool:.1%}"
+        if name == "random":
+            ratio = "1"
+        elif s["mean"] is not None and random and random["mean"]:
+            ratio = f"{s['mean'] / random['mean']:.2f}"
+        elif s["mean"] is not None and random_floor:
+            ratio = f"< {s['mean'] / random_floor:.2f}"
+        else:
+            ratio = "–"
+        out.append(f"| {name} | " + " | ".join(per_seed) + f" | {mean} | {frac} | {ratio} | "
+                   f"{_f(s.get('final_auc_mean'), 4)} |")
+    out += [""]
+    out += _al_goal(strategies, budget, pool)
+    notes = []
+    if "margin" in strategies and "entropy" in strategies and r["task"]["type"] == "binary":
+        notes.append("On a binary task entropy, margin and least confidence are all monotone in |p − 0.5|: "
+                     "they rank images alike, so their curves coincide up to ties.")
+    out += [
+        f"![held-out AUC against labels used, per strategy]({PLOT_REL})",
+        "",
+        *([" ".join(notes), ""] if notes else []),
+        f"Wall time {r.get('bench_wall_seconds', r['wall_seconds']) / 60:.0f} min for the whole run "
+        f"({len(seeds)} seeds × {len(strategies)} strategies + the full-data runs), device {r['device']}"
+        + (f"; {r['conditions']}" if r.get("conditions") else "") + ".",
+        "",
+        f"Measured: {_machine(r['machine'])}.",
+        "",
+    ]
+    return out
+
+
+PLOT_REL = "docs/images/al_curve.png"
+
+
+def _al_sort_key(s: dict, budget: int) -> float:
+    return s["mean"] if s["mean"] is not None else budget + float(np.mean([v or budget for v in
+                                                                           s["per_seed"].values()]))
+
+
+def _al_goal(strategies: dict, budget: int, pool: int) -> list[str]:
+    """The issue's goal: the best strategy needs <= 25 % of the labels and <= 2/3 of random's."""
+    reached = {k: v for k, v in strategies.items() if k != "random" and v["mean"] is not None}
+    if not reached or "random" not in strategies:
+        return ["Goal (the best strategy needs ≤ 25 % of the labels and ≤ 2/3 of what random needs): "
+                "not met — no strategy reached the target on every seed within the budget.", ""]
+    best_name, best = min(reached.items(), key=lambda kv: kv[1]["mean"])
+    random = strategies["random"]
+    fraction = best["mean"] / pool
+    if random["mean"] is not None:
+        ratio, bound = best["mean"] / random["mean"], ""
+    else:
+        ratio = best["mean"] / float(np.mean([v or budget for v in random["per_seed"].values()]))
+        bound = " at most (random did not reach the target on every seed within the budget)"
+    met = fraction <= 0.25 and ratio <= 2 / 3
+    return [f"Goal: the best strategy needs ≤ 25 % of the labels and ≤ 2/3 of what random needs. Measured: "
+            f"{best_name}, {best['mean']:.0f} labels = {fraction:.1%} of the pool, {ratio:.2f}× random's{bound} — "
+            f"{'met' if met else 'not met'}.", ""]
+
+
 def main() -> None:
     zoo = _load("zoo-*.json")
     lines = ["# Benchmarks", "",
@@ -165,6 +269,7 @@ def main() -> None:
     lines += speed_section(_load("speed.json"))
     lines += text_section(_load("text.json"))
     lines += node_section(_load("node-ingest.json"), _load("node-turnaround.json"))
+    lines += al_section(_load("al-sim.json"))
     if not any(r["machine"].get("gpu") for r in zoo + _load("speed.json")):
         lines += ["## GPU", "", "No GPU figures yet: the sessions that measured these had no GPU machine. "
                   "`bench/bench_speed.py` and `bench/bench_zoo.py` run unchanged on one (`--device auto`, bf16 "

@@ -649,8 +649,8 @@ class SimulationConfig:
     model_args: dict[str, Any] = field(default_factory=lambda: {"width": 16})
     image_size: int = 32
     initial: int = 40
-    per_round: int = 40
-    budget: int = 600
+    per_round: int = 60
+    budget: int = 520
     seeds: tuple[int, ...] = (0, 1, 2)
     strategies: tuple[str, ...] = ("random", "entropy", "margin", "bald", "coreset", "hybrid")
     hybrid_score: str = "entropy"

@@ -176,6 +176,55 @@ def _cmd_node(a) -> int:
     return node_main(a.node_args)
 
 
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def _key_value(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _cmd_al_sim(a) -> int:
+    from medclass.active import SimulationConfig, simulate
+
+    # Flags left out keep SimulationConfig's defaults, which live in one place.
+    names = ("data", "model", "image_size", "initial", "per_round", "budget", "seeds", "strategies",
+             "hybrid_score", "epochs", "min_steps", "batch_size", "lr", "mc_samples", "split_seed", "target",
+             "device", "threads")
+    given = {n: getattr(a, n) for n in names if getattr(a, n) is not None}
+    if a.model_arg is not None:
+        given["model_args"] = dict(a.model_arg)
+    cfg = SimulationConfig(**given)
+    cfg.check()
+    result = simulate(cfg)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    sm = result["summary"]
+    print(f"full-data AUC {sm['full_auc_mean']:.4f} (mean of {len(result['full'])} seeds); target "
+          f"{cfg.target:.0%} of it = {sm['target_auc']:.4f}; pool {result['pool']} images")
+    print(f"{'strategy':<18}{'labels per seed':<24}{'mean':>8}{'of pool':>9}{'vs random':>11}")
+    for name, r in sm["strategies"].items():
+        per_seed = ", ".join("-" if v is None else str(v) for v in r["per_seed"].values())
+        mean = "-" if r["mean"] is None else f"{r['mean']:.0f}"
+        frac = "-" if r["pool_fraction"] is None else f"{r['pool_fraction']:.1%}"
+        ratio = "-" if r["ratio_to_random"] is None else f"{r['ratio_to_random']:.2f}"
+        print(f"{name:<18}{per_seed:<24}{mean:>8}{frac:>9}{ratio:>11}")
+    print(f"('-': not reached within {cfg.budget} labels) wrote {out} in {result['wall_seconds'] / 60:.1f} min")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medclass", description="Medical image classification: train, evaluate, "
                                 "predict, explain and export the shared model zoo.")
@@ -260,6 +309,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-node", action="store_true", help="do not start the DICOM node at the end")
     s.add_argument("--node-port", type=int, default=11112, help="port of the DICOM node started at the end")
     s.set_defaults(fn=_cmd_quickstart)
+
+    s = sub.add_parser("al-sim", help="simulate active learning on a labelled set: labels each strategy needs "
+                       "to reach a fraction of the full-data AUC",
+                       description="A flag left out keeps its default from medclass.active.SimulationConfig "
+                       "(Br35H; cbam-resnet18 width 16 at 32 px; every strategy, seeds 0,1,2); the results "
+                       "JSON records the settings used. bench/bench_al.py runs it for BENCHMARKS.md.")
+    s.add_argument("--data", help="as for train; its train split is the pool, its test split "
+                   "the held-out set")
+    s.add_argument("--model", help="a name from 'medclass models'")
+    s.add_argument("--model-arg", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="builder argument, repeatable (default: width=16, a 0.7 M-parameter cbam-resnet18)")
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--initial", type=int, help="stratified labelled seed set")
+    s.add_argument("--per-round", type=int, help="images labelled per round")
+    s.add_argument("--budget", type=int, help="stop when this many images are labelled")
+    s.add_argument("--seeds", type=_csv(int), help="comma-separated, e.g. 0,1,2")
+    s.add_argument("--strategies", type=_csv(str), help="comma-separated, from random, entropy, margin, "
+                   "least-confidence, bald, coreset, hybrid")
+    s.add_argument("--hybrid-score", help="the uncertainty the hybrid strategy shortlists by")
+    s.add_argument("--epochs", type=int, help="passes over the labelled images per round")
+    s.add_argument("--min-steps", type=int, help="at least this many optimiser steps per round")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--mc-samples", type=int, help="MC-dropout passes for bald")
+    s.add_argument("--split-seed", type=int)
+    s.add_argument("--target", type=float, help="fraction of the full-data AUC to reach")
+    s.add_argument("--device")
+    s.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy machine)")
+    s.add_argument("--out", required=True, help="results JSON")
+    s.set_defaults(fn=_cmd_al_sim)
 
     # The node parses its own flags (dicom_node.cli); '+' as prefix lets every flag through.
     s = sub.add_parser("node", help="run the DICOM triage node ('medclass node --help'; 'medclass node status')",

@@ -378,3 +378,76 @@ def test_score_pool_on_real_images(br35h_pool):
     hybrid = select("hybrid", 10, scores=out["bald"], pool_embeddings=out["embedding"], seed=0)
     coreset = select("coreset", 10, pool_embeddings=out["embedding"], seed=0)
     assert len(set(hybrid)) == 10 and len(set(coreset)) == 10
+
+
+# --------------------------------------------------------------------------- simulation
+
+
+def test_stratified_subset_keeps_the_class_balance():
+    from medclass.active import stratified_subset
+
+    labels = np.array([0] * 300 + [1] * 100)
+    idx = stratified_subset(labels, 40, seed=0)
+    assert len(idx) == len(set(idx)) == 40
+    assert (labels[idx] == 1).sum() == 10
+    assert idx == stratified_subset(labels, 40, seed=0) != stratified_subset(labels, 40, seed=1)
+    rare = np.array([0] * 99 + [1])
+    assert rare[stratified_subset(rare, 5, 0)].sum() == 1  # every class present
+
+
+def test_summary_counts_labels_to_the_target_and_compares_with_random():
+    from medclass.active import summarize
+
+    def curve(aucs):
+        return [{"labels": 40 * (i + 1), "auc": a} for i, a in enumerate(aucs)]
+
+    result = {
+        "config": {"target": 0.95}, "pool": 400, "full": {"0": 1.0, "1": 1.0},
+        "curves": {
+            "random": {"0": curve([0.8, 0.9, 0.94, 0.96]), "1": curve([0.8, 0.9, 0.95, 0.97])},
+            "bald": {"0": curve([0.8, 0.96, 0.9, 0.97]), "1": curve([0.8, 0.9, 0.95, 0.97])},
+            "coreset": {"0": curve([0.8, 0.9, 0.9, 0.9]), "1": curve([0.8, 0.9, 0.95, 0.97])},
+        },
+    }
+    sm = summarize(result)
+    assert sm["target_auc"] == pytest.approx(0.95)
+    r, b, c = (sm["strategies"][k] for k in ("random", "bald", "coreset"))
+    assert r["per_seed"] == {"0": 160, "1": 120} and r["mean"] == 140 and r["ratio_to_random"] == 1
+    assert b["per_seed"] == {"0": 80, "1": 120} and b["mean"] == 100
+    assert b["ratio_to_random"] == pytest.approx(100 / 140) and b["pool_fraction"] == pytest.approx(0.25)
+    # A seed that never reaches the target leaves the mean undefined, not optimistic.
+    assert c["per_seed"]["0"] is None and c["reached"] == 1 and c["mean"] is None and c["ratio_to_random"] is None
+
+
+def test_al_sim_command_runs_every_strategy_on_br35h(tmp_path, capsys):
+    from medclass.cli import main
+
+    out = tmp_path / "al.json"
+    # Tiny settings: the command's plumbing is under test here, the figures come from bench/bench_al.py.
+    assert main(["al-sim", "--image-size", "16", "--model-arg", "width=4", "--epochs", "1", "--min-steps", "3",
+                 "--initial", "10", "--per-round", "10", "--budget", "30", "--seeds", "0",
+                 "--strategies", "random,entropy,margin,bald,coreset,hybrid", "--mc-samples", "2",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["pool"] == 2100 and result["test"] == 450
+    assert result["config"]["model_args"] == {"width": 4}
+    for strategy in ("random", "entropy", "margin", "bald", "coreset", "hybrid"):
+        curve = result["curves"][strategy]["0"]
+        assert [p["labels"] for p in curve] == [10, 20, 30]
+        assert all(0 <= p["auc"] <= 1 for p in curve)
+        assert curve[0]["auc"] == result["curves"]["random"]["0"][0]["auc"]  # one shared starting model
+    assert set(result["summary"]["strategies"]) == set(result["curves"])
+    printed = capsys.readouterr().out
+    assert "full-data AUC" in printed and "hybrid" in printed
+
+
+def test_al_sim_command_reports_bad_settings_on_one_line(tmp_path, capsys):
+    from medclass.cli import main
+
+    assert main(["al-sim", "--strategies", "random,greedy", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown strategy 'greedy'" in err
+    assert main(["al-sim", "--initial", "50", "--budget", "40", "--out", str(tmp_path / "x.json")]) == 2
+    assert "do not make rounds" in capsys.readouterr().err
