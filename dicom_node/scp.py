@@ -84,6 +84,25 @@ def set_tcp_nodelay(event: Any) -> None:
             pass
 
 
+def _unbind_logging_handlers(server: Any) -> None:
+    """Unbind pynetdicom's standard logging handlers from a server.
+
+    They format every PDU and DIMSE message (copying each data set once more) under
+    the association's lock even when the ``pynetdicom`` logger would drop the result.
+    """
+    try:
+        from pynetdicom import _handlers as h
+    except ImportError:  # another pynetdicom layout: keep its handlers
+        return
+    for event, name in ((evt.EVT_PDU_RECV, "standard_pdu_recv_handler"),
+                        (evt.EVT_PDU_SENT, "standard_pdu_sent_handler"),
+                        (evt.EVT_DIMSE_RECV, "standard_dimse_recv_handler"),
+                        (evt.EVT_DIMSE_SENT, "standard_dimse_sent_handler")):
+        handler = getattr(h, name, None)
+        if handler is not None:
+            server.unbind(event, handler)
+
+
 class StorageSCP:
     """C-ECHO and C-STORE SCP that persists every instance before acknowledging it.
 
@@ -110,6 +129,9 @@ class StorageSCP:
             self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         self.ae.maximum_associations = 16
+        # Largest PDU the node accepts (dcmtk's maximum): a 39 kB CT arrives in one P-DATA PDU, not three,
+        # and pynetdicom's per-PDU work (state machine, queues, events) is a good part of its per-instance cost.
+        self.ae.maximum_pdu_size = 131072
         self.ae.require_calling_aet = [a["ae_title"] for a in config.allow] if config.allow else []
         self.server = None
 
@@ -133,6 +155,8 @@ class StorageSCP:
             raise MedClassError(f"cannot listen on {self.config.bind}:{self.config.port} ({e.strerror or e})",
                                 "pass another --port, or stop the program that uses this one") from None
         self.port = self.server.server_address[1]
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            _unbind_logging_handlers(self.server)
         log.info("%s listening on %s:%d%s", self.config.ae_title, self.config.bind, self.port,
                  " (TLS)" if self.config.tls else "")
 
