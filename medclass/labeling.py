@@ -72,7 +72,7 @@ def parse_label(payload: Any, task: Task, params: dict | None = None) -> list[st
                                 'send {"label": "<class>"}' + f" with one of: {allowed}") from None
     if not isinstance(payload, dict):
         raise MedClassError(f"the label must be a JSON object, got {type(payload).__name__}",
-                            'send {"label": "<class>"}')
+                            'send {"label": "<class>"}' + f" with one of: {allowed}")
     source = payload if ("label" in payload or "labels" in payload) else (params or {})
     if "labels" in source and source["labels"] is not None:
         names = source["labels"]

@@ -53,8 +53,11 @@ class MedClassApp(MONAILabelApp):
                                  wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
                                  stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
         cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
-        return DICOMwebClassificationDatastore(client, self.cfg.task, settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
-                                               cache)
+        # MONAI Label's default search filter is {"Modality": "CT"} (and its launcher exports
+        # every setting to the environment, so it cannot be told apart from a chosen one); a
+        # classifier works on any image modality, so every image series is listed unless
+        # --conf dicomweb_filter '{"Modality": "CR"}' narrows it.
+        return DICOMwebClassificationDatastore(client, self.cfg.task, self.cfg.dicomweb_filter, cache)
 
     def init_infers(self):
         return {name: ClassifyInfer(slot) for name, slot in self.cfg.models.items()}

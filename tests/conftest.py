@@ -53,8 +53,13 @@ class LabelServer:
         self.truth = truth  # image id -> the class its file came from (Br35H folder)
 
 
-def start_label_server(studies: Path, model_dir: Path, log: Path, conf: dict[str, str], env: dict | None = None):
-    """Start the real MONAI Label server on a free loopback port; returns (process, url)."""
+def start_label_server(studies: Path, model_dir: Path, log: Path, conf: dict[str, str], env: dict | None = None,
+                       studies_url: str | None = None):
+    """Start the real MONAI Label server on a free loopback port; returns (process, url).
+
+    ``studies`` is the working folder (and the datastore, unless ``studies_url``
+    names a DICOMweb server).
+    """
     import os
     import socket
     import subprocess
@@ -68,7 +73,7 @@ def start_label_server(studies: Path, model_dir: Path, log: Path, conf: dict[str
         port = s.getsockname()[1]
     venv_bin = Path(sys.executable).parent
     args = [str(venv_bin / "monailabel"), "start_server", "--app", str(root / "monailabel_app"),
-            "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)]
+            "--studies", studies_url or str(studies), "--host", "127.0.0.1", "--port", str(port)]
     for k, v in {"model_dir": str(model_dir), **conf}.items():
         args += ["--conf", k, v]
     # The launcher runs whichever python is first on PATH: this environment's.
@@ -104,6 +109,12 @@ def stop_label_server(proc) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@pytest.fixture(scope="session")
+def label_server_launcher():
+    """``(start_label_server, stop_label_server)``, for tests that need a server of their own."""
+    return start_label_server, stop_label_server
 
 
 @pytest.fixture(scope="session")

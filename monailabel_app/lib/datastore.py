@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,25 @@ class DICOMwebClassificationDatastore(ClassificationLabels, DICOMWebDatastore):
         DICOMWebDatastore.__init__(self, client=client, search_filter=search_filter, cache_path=cache_path,
                                    fetch_by_frame=False, convert_to_nifti=False)
 
+    # Series that are not images (the node's SRs, segmentations, presentation states...).
+    NOT_IMAGES = frozenset({"SR", "SEG", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "REG", "DOC",
+                            "OT-SR"})
+
+    def list_images(self) -> list[str]:  # noqa: D102
+        now = time.monotonic()
+        cached = getattr(self, "_series_cache", None)
+        if cached and now - cached[0] < 10:
+            return cached[1]
+        from pydicom import Dataset
+
+        series = []
+        for js in self._client.search_for_series(search_filters=self._search_filter):
+            d = Dataset.from_json(js)
+            if str(d.get("Modality", "")).upper() not in self.NOT_IMAGES:
+                series.append(str(d.SeriesInstanceUID))
+        self._series_cache = (now, series)
+        return series
+
     def get_image_uri(self, image_id: str) -> str:  # noqa: D102
         uri = DICOMWebDatastore.get_image_uri(self, image_id)
         self._register(image_id)  # record the series so labels and scores can refer to it
@@ -129,7 +149,8 @@ class DICOMwebClassificationDatastore(ClassificationLabels, DICOMWebDatastore):
         return LocalDatastore.get_label_uri(self, label_id, label_tag)
 
     def get_labeled_images(self, label_tag=None, labels=None):  # noqa: D102
-        return [i for i in LocalDatastore.get_labeled_images(self) if i in set(self.list_images())]
+        on_pacs = set(self.list_images())
+        return [i for i in LocalDatastore.get_labeled_images(self) if i in on_pacs]
 
     def get_unlabeled_images(self, label_tag=None, labels=None):  # noqa: D102
         done = set(LocalDatastore.get_labeled_images(self))

@@ -15,11 +15,14 @@
                           reserved for its annotator (default 600)
 ``mc_samples``            Monte-Carlo dropout passes for BALD (default 10)
 ``device``                ``auto`` (GPU when present), ``cpu`` or ``cuda``
+``dicomweb_filter``       QIDO search filter (JSON) for a DICOMweb datastore; default:
+                          every image series of every modality
 ========================  ==========================================================
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,7 @@ class AppConfig:
     hold_seconds: float = 600.0
     mc_samples: int = 10
     device: str = "auto"
+    dicomweb_filter: dict = field(default_factory=dict)
 
     @property
     def task(self) -> Task:
@@ -75,6 +79,20 @@ def _task_from(conf: dict[str, str], card: dict | None) -> Task:
                         "--conf classes NAME1,NAME2[,...]")
 
 
+def _json_conf(conf: dict[str, str], key: str) -> dict:
+    raw = conf.get(key)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise MedClassError(f"--conf {key} is not JSON ({e.msg})", f"e.g. --conf {key} '{{\"Modality\": \"CR\"}}'") \
+            from None
+    if not isinstance(value, dict):
+        raise MedClassError(f"--conf {key} must be a JSON object", f"e.g. --conf {key} '{{\"Modality\": \"CR\"}}'")
+    return value
+
+
 def load_config(app_dir: str, conf: dict[str, str]) -> AppConfig:
     """Parse ``conf`` and prepare one :class:`ModelSlot` per model."""
     names = [n.strip() for n in (conf.get("models") or DEFAULT_MODEL).split(",") if n.strip()]
@@ -86,6 +104,7 @@ def load_config(app_dir: str, conf: dict[str, str]) -> AppConfig:
         hold_seconds=float(conf.get("hold_seconds", 600)),
         mc_samples=int(conf.get("mc_samples", 10)),
         device=conf.get("device", "auto"),
+        dicomweb_filter=_json_conf(conf, "dicomweb_filter"),
     )
     seed = Path(conf["checkpoint"]) if conf.get("checkpoint") else None
     if seed is not None and not seed.is_file():

@@ -65,7 +65,7 @@ class ClassifyInfer(InferTask):
             raise HTTPException(status_code=422, detail=f"{e.message}. {e.remedy}") from None
         heat = to_image_space(ex.heatmap, image.array.shape[1:])
         out = tempfile.NamedTemporaryFile(suffix=".nrrd", delete=False).name
-        _write_like(heat, image, out)
+        _write_like(heat, image, out, path)
         result.update(heatmap_class=ex.class_name, heatmap_method=ex.method)
         return out, result
 
@@ -74,11 +74,23 @@ def _truthy(v) -> bool:
     return str(v).lower() in ("1", "true", "yes", "on")
 
 
-def _write_like(heat, image, path: str) -> None:
-    """Write ``heat`` with the image's pixel spacing (NRRD, readable by Slicer)."""
+def _write_like(heat, image, path: str, source: str) -> None:
+    """Write ``heat`` (NRRD) on the input's voxel grid: its spacing, origin and direction.
+
+    The geometry is copied from the input file when ITK reads it (NIfTI, NRRD,
+    MetaImage, DICOM), else only the pixel spacing medclass found is set.
+    """
     import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(heat.astype("float32"))
+    try:
+        ref = sitk.ReadImage(str(source))
+        if ref.GetSize() == img.GetSize():
+            img.CopyInformation(ref)
+            sitk.WriteImage(img, path)
+            return
+    except RuntimeError:  # a format ITK does not read, or a DICOM series folder
+        pass
     spacing = image.meta.get("spacing")
     if spacing and all(spacing):
         img.SetSpacing(tuple(float(s) for s in reversed(spacing[-heat.ndim:])))
