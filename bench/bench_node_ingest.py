@@ -50,23 +50,29 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 
 SERVERS = ("medclass-node", "dcmtk-storescp", "pynetdicom-storescp")
-OTHER_BENCHMARKS = "bench_zoo.py|bench_speed.py"
+OTHER_BENCHMARKS = r"bench_[A-Za-z0-9_]+\.py"  # any other benchmark script of bench/ (not these two)
+
+
+def other_benchmarks() -> list[str]:
+    """``pid command`` of every other benchmark running on the machine (``pgrep -af``)."""
+    out = subprocess.run(["pgrep", "-af", OTHER_BENCHMARKS], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in out if line.split()[0] != str(os.getpid()) and "bench_node_" not in line]
 
 
 def wait_for_quiet_machine(max_minutes: float = 15, every: float = 30) -> str | None:
-    """Wait until no other benchmark runs (``pgrep``); return a note when it never stopped."""
+    """Wait until no other benchmark runs; return a note when one never stopped."""
     deadline = time.monotonic() + max_minutes * 60
     while True:
-        busy = subprocess.run(["pgrep", "-f", OTHER_BENCHMARKS], capture_output=True, text=True).stdout.split()
-        busy = [p for p in busy if int(p) != os.getpid()]
+        busy = other_benchmarks()
         if not busy:
             return None
+        names = sorted({w for line in busy for w in line.split() if w.endswith(".py") and "bench_" in w})
         if time.monotonic() >= deadline:
-            note = (f"machine shared with another benchmark ({OTHER_BENCHMARKS} still running after waiting "
+            note = (f"machine shared with another benchmark ({', '.join(names)} still running after waiting "
                     f"{max_minutes:g} min)")
             print(note, flush=True)
             return note
-        print(f"another benchmark is running (pids {' '.join(busy)}); waiting", flush=True)
+        print(f"another benchmark is running ({', '.join(names)}); waiting", flush=True)
         time.sleep(every)
 
 
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--associations", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--smoke", action="store_true", help="check the script: no waiting, no result file")
     ap.add_argument("--max-wait-minutes", type=float, default=15,
-                    help="wait at most this long for other benchmarks (bench_zoo.py, bench_speed.py) to end")
+                    help="wait at most this long for other benchmarks of bench/ to end")
     a = ap.parse_args(argv)
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         "goal": "node >= 0.5 x dcmtk storescp with 8 associations",
         "load_average_before": load_before,
         "load_average_after": load_average(),
-        "conditions": note or "no other benchmark (bench_zoo.py, bench_speed.py) running",
+        "conditions": note or "no other benchmark of bench/ running",
         "versions": versions(),
     }
     if not a.smoke:

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stable-seconds", type=float, default=1.0)
     ap.add_argument("--smoke", action="store_true", help="check the script: no waiting, no result file")
     ap.add_argument("--max-wait-minutes", type=float, default=15,
-                    help="wait at most this long for other benchmarks (bench_zoo.py, bench_speed.py) to end")
+                    help="wait at most this long for other benchmarks of bench/ to end")
     a = ap.parse_args(argv)
     if orthanc_executable() is None:
         sys.exit("Orthanc is not installed (Debian: apt-get install orthanc)")
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         "goal": "p95 <= 1 s on CPU for a one-image study",
         "load_average_before": load_before,
         "load_average_after": load_average(),
-        "conditions": note or "no other benchmark (bench_zoo.py, bench_speed.py) running",
+        "conditions": note or "no other benchmark of bench/ running",
     }
     if not a.smoke:
         write_result("node-turnaround", payload)

@@ -10,7 +10,10 @@ instance meets them:
 - :mod:`dicom_node.worker` — batched inference off the association threads;
 - :mod:`dicom_node.sender` — C-STORE of the SR and forwarded studies, with retries;
 - :mod:`dicom_node.router` — triage rules (``malignant >= 0.8`` → forward to ``URGENT``);
-- :mod:`dicom_node.status` and :mod:`dicom_node.metrics` — what the administrator sees.
+- :mod:`dicom_node.status` and :mod:`dicom_node.metrics` — what the administrator sees;
+- :mod:`dicom_node.tls` — the TLS contexts from ``[tls]`` (incoming and the node's own sends);
+- :mod:`dicom_node.peers` — real peers (Orthanc, dcmtk and pynetdicom storescp, the node itself)
+  in subprocesses on loopback, for the tests and benchmarks.
 """
 
 from dicom_node.config import NodeConfig, load_config
