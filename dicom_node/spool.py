@@ -171,13 +171,22 @@ def make_dirs(folder: Path) -> set[Path]:
     return {c.parent for c in created}
 
 
-def write_file(path: Path, data: bytes) -> set[Path]:
+def write_file(path: Path, data: bytes, root: Path | None = None) -> set[Path]:
     """Write ``data`` to ``path`` (temporary file, fsync, atomic rename).
 
     The file's bytes are durable when this returns; its name is once the returned
-    folders (its own and the parents of folders created for it) are fsync'd.
+    folders are fsync'd: its own, the parents of folders created for it and, with
+    ``root``, every folder from its own up to ``root``. The last matters when threads
+    write side by side: a folder another thread has just created may not be durable
+    yet (an fsync of a folder nothing changed in costs next to nothing).
     """
     dirty = make_dirs(path.parent)
+    if root is not None:
+        d = path.parent
+        while d != root and root in d.parents:
+            dirty.add(d)
+            d = d.parent
+        dirty.add(root)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
@@ -393,7 +402,7 @@ class Spool:
             The row could not be committed.
         """
         path = self.spool_dir / safe_name(study_uid) / safe_name(series_uid) / f"{safe_name(sop_uid)}.dcm"
-        dirs = write_file(path, data)
+        dirs = write_file(path, data, root=self.root)
         self.committer.submit(PendingInstance(
             (sop_uid, study_uid, series_uid, sop_class, modality, str(path), len(data), calling_ae), study_uid, dirs))
         return path
