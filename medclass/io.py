@@ -227,7 +227,7 @@ def read_dicom_dataset(ds: pydicom.Dataset, *, apply_voi: bool = True, name: str
     else:
         arr = arr[None]
     arr = np.ascontiguousarray(arr)
-    meta = _dicom_meta(ds, header_pi, frames)
+    meta = dicom_meta(ds, header_pi, frames)
     meta.update(format="dicom", path=getattr(ds, "filename", None) or name, voi_applied=voi)
     return ImageData(arr, meta)
 
@@ -382,7 +382,13 @@ def parse_age(value: str | None) -> float | None:
     return float(m.group(1)) / per_year
 
 
-def _dicom_meta(ds: pydicom.Dataset, photometric: str, frames: int) -> dict[str, Any]:
+def dicom_meta(ds: pydicom.Dataset, photometric: str | None = None, frames: int = 1) -> dict[str, Any]:
+    """The :data:`META_KEYS` a DICOM header gives (modality, UIDs, age, sex, view, laterality, spacing).
+
+    For front doors that hold the pixels themselves: the Slicer module reads the
+    voxels from MRML and only the header from the file.
+    """
+    photometric = photometric or str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     sex = (_text(ds, "PatientSex") or "").upper()
     spacing = None
     ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
