@@ -186,10 +186,10 @@ def apply_dicom_voi(arr: np.ndarray, ds) -> tuple[np.ndarray, str | None]:
 
 def dicom_meta(ds, frames: int) -> dict[str, Any]:
     """medclass's metadata (modality, age, sex, view, laterality, UIDs) from a header."""
-    from medclass.io import dicom_meta  # the same fields the CLI and the DICOM node use
+    from medclass.io import dicom_meta as header_meta  # the same fields the CLI and the DICOM node use
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    return dicom_meta(ds, photometric, frames)
+    return header_meta(ds, photometric, frames)
 
 
 # --------------------------------------------------------------------------- back to MRML
