@@ -161,8 +161,11 @@ def al_section(runs: list[dict]) -> list[str]:
     """Does active learning pay? From ``bench/bench_al.py`` (``medclass al-sim``)."""
     if not runs:
         return []
+    from medclass.active import summarize
+
     r = runs[-1]
-    cfg, sm = r["config"], r["summary"]
+    # Recomputed from the measured curves, so the summary follows the current definition.
+    cfg, sm = r["config"], summarize(r)
     seeds = [str(s) for s in cfg["seeds"]]
     strategies = sm["strategies"]
     budget, pool = cfg["budget"], r["pool"]
@@ -188,8 +191,9 @@ def al_section(runs: list[dict]) -> list[str]:
         f"Labels needed to reach the target (first round at or above it; seeds {', '.join(seeds)}):",
         "",
         "| strategy | " + " | ".join(f"seed {s}" for s in seeds)
-        + " | mean | fraction of the pool | vs random | AUC at " + f"{budget} labels (mean) |",
-        "| --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- | --- |",
+        + " | mean | fraction of the pool | vs random | mean curve reaches it at | mean AUC over rounds | "
+        f"AUC at {budget} labels |",
+        "| --- | " + " | ".join("---" for _ in seeds) + " | --- | --- | --- | --- | --- | --- |",
     ]
     random = strategies.get("random")
     # A seed that never reached the target needed more than the budget: a lower bound.
@@ -209,11 +213,17 @@ def al_section(runs: list[dict]) -> list[str]:
             ratio = f"< {s['mean'] / random_floor:.2f}"
         else:
             ratio = "–"
-        out.append(f"| {name} | " + " | ".join(per_seed) + f" | {mean} | {frac} | {ratio} | "
-                   f"{_f(s.get('final_auc_mean'), 4)} |")
+        curve_at = f"> {budget}" if s["mean_curve_labels"] is None else str(s["mean_curve_labels"])
+        out.append(f"| {name} | " + " | ".join(per_seed) + f" | {mean} | {frac} | {ratio} | {curve_at} | "
+                   f"{_f(s['rounds_auc_mean'], 4)} | {_f(s['final_auc_mean'], 4)} |")
     out += [""]
     out += _al_goal(strategies, budget, pool)
     notes = []
+    crossings = {s["mean_curve_labels"] for s in strategies.values()}
+    if len(crossings) == 1 and None not in crossings:
+        notes.append(f"The seeds' mean curves of every strategy reach the target at the same round "
+                     f"({crossings.pop()} labels); the gaps between the strategies' mean curves are smaller than the "
+                     "spread between seeds of one strategy (the bands).")
     if "margin" in strategies and "entropy" in strategies and r["task"]["type"] == "binary":
         notes.append("On a binary task entropy, margin and least confidence are all monotone in |p − 0.5|: "
                      "they rank images alike, so their curves coincide up to ties.")

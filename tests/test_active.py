@@ -219,6 +219,7 @@ def test_bald_and_embeddings_of_a_classic_model():
     assert emb.shape == (30, clf.features(x[:1]).shape[1])
     scores = score_pool(loaded, torch.from_numpy(x), methods=["entropy", "margin"])
     assert set(scores) == {"entropy", "margin", "embedding"} and scores["entropy"].shape == (30,)
+    assert set(score_pool(loaded, torch.from_numpy(x), methods="entropy")) == {"entropy", "embedding"}
 
 
 def test_embeddings_are_the_eval_mode_features():
