@@ -1,9 +1,9 @@
 """The node's DICOM service class provider: C-ECHO and C-STORE (pynetdicom).
 
 Handlers are small and return statuses; they never raise (pynetdicom would answer
-0xC001 and log a traceback). The received bytes are written as they came
-(``event.encoded_dataset()``), without decoding the pixel data: decoding is the
-worker's job, off the association threads.
+0xC001 and log a traceback). The received bytes are written as they came, behind a
+Part 10 header, without decoding the pixel data: decoding is the worker's job, off
+the association threads.
 """
 
 from __future__ import annotations
@@ -13,11 +13,23 @@ import functools
 import logging
 import socket
 import ssl
+import struct
 import time
+from io import BytesIO
 from typing import Any, Callable
 
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+    evt,
+)
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
@@ -48,6 +60,44 @@ def is_image_sop_class(uid: str) -> bool:
     if "Image Storage" in name or "Photograph" in name or "Video" in name:
         return True
     return not any(w in name for w in _NON_IMAGE_WORDS) and name != uid
+
+
+_HEADER_TAGS = [Tag(t) for t in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality",
+                                    "PixelData", "FloatPixelData", "DoubleFloatPixelData")]
+
+
+def read_header(raw: bytes, is_implicit_vr: bool, is_little_endian: bool) -> Dataset:
+    """The few elements the SCP needs (UIDs, modality, whether there is pixel data), pixel data not read.
+
+    About half the cost of decoding every element (``event.dataset``).
+    """
+    return read_dataset(BytesIO(raw), is_implicit_vr, is_little_endian, defer_size=1024, specific_tags=_HEADER_TAGS)
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0" if vr == b"UI" else b" "
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 2, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
+
+
+def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str | None = None) -> bytes:
+    """Preamble, ``DICM`` and File Meta Information (PS3.10 7.1) for a data set received by C-STORE.
+
+    Encoded directly (explicit VR little endian, group 0002): the same bytes as pydicom's
+    ``write_file_meta_info`` in about a hundredth of the time, which matters per instance.
+    """
+    body = b"".join((
+        _element(0x0001, b"OB", b"\x00\x01"),
+        _element(0x0002, b"UI", sop_class.encode()),
+        _element(0x0003, b"UI", sop_instance.encode()),
+        _element(0x0010, b"UI", transfer_syntax.encode()),
+        _element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode()),
+        _element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode()),
+        _element(0x0016, b"AE", source_ae.encode()) if source_ae else b"",
+    ))
+    return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
 
 
 class SharedUIDContext(PresentationContext):
@@ -204,17 +254,20 @@ class StorageSCP:
             self.on_rejected("not_allowed")
             return CANNOT_UNDERSTAND
         try:
-            data = event.encoded_dataset()
+            raw = event.request.DataSet.getvalue()  # the data set as the peer encoded it
+            ts = event.context.transfer_syntax
+            sop_class = str(event.request.AffectedSOPClassUID)
+            # The file as received: Part 10 header, then the data set's bytes, never decoded and re-encoded.
+            data = [part10_header(sop_class, str(event.request.AffectedSOPInstanceUID), str(ts), calling), raw]
         except Exception as e:  # a malformed request; pynetdicom would otherwise answer 0xC001
             log.warning("C-STORE from %s: cannot read the request (%s)", calling, e)
             self.on_rejected("unreadable")
             return CANNOT_UNDERSTAND
         try:
-            ds = event.dataset
+            ds = event.dataset if ts.is_deflated else read_header(raw, ts.is_implicit_VR, ts.is_little_endian)
             study_uid = str(ds.StudyInstanceUID)
             series_uid = str(ds.SeriesInstanceUID)
             sop_uid = str(event.request.AffectedSOPInstanceUID or ds.SOPInstanceUID)
-            sop_class = str(event.request.AffectedSOPClassUID)
             modality = str(ds.get("Modality", "") or "")
             has_pixels = any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
         except Exception as e:  # random bytes or a header without the UIDs a study needs
@@ -242,17 +295,17 @@ class StorageSCP:
             log.error("cannot record an instance from %s: %s", calling, e)
             self.on_rejected("database")
             return OUT_OF_RESOURCES
-        self.on_stored(modality, time.perf_counter() - t0, len(data))
+        self.on_stored(modality, time.perf_counter() - t0, len(data[0]) + len(data[1]))
         return SUCCESS
 
-    def _quarantine(self, data: bytes, reason: str, calling: str, sop_uid: str | None = None,
+    def _quarantine(self, data: list[bytes], reason: str, calling: str, sop_uid: str | None = None,
                     study_uid: str | None = None) -> None:
         try:
             self.spool.quarantine(data, reason, calling_ae=calling, sop_uid=sop_uid, study_uid=study_uid)
         except Exception as e:  # quarantine is best effort; the status already tells the sender
             log.error("cannot quarantine an object from %s: %s", calling, e)
 
-    def _reject(self, data: bytes, reason: str, calling: str, kind: str, sop_uid: str | None = None,
+    def _reject(self, data: list[bytes], reason: str, calling: str, kind: str, sop_uid: str | None = None,
                 study_uid: str | None = None) -> int:
         log.warning("C-STORE from %s refused (0xC210): %s; the object is in %s", calling, reason,
                     self.spool.quarantine_dir)

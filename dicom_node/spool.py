@@ -34,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 log = logging.getLogger("dicom_node.spool")
 
@@ -171,29 +171,35 @@ def make_dirs(folder: Path) -> set[Path]:
     return {c.parent for c in created}
 
 
-def write_file(path: Path, data: bytes, root: Path | None = None) -> set[Path]:
-    """Write ``data`` to ``path`` (temporary file, fsync, atomic rename).
+def write_file(path: Path, data: bytes | Sequence[bytes], root: Path | None = None,
+               durable: set[str] | frozenset[str] = frozenset()) -> set[Path]:
+    """Write ``data`` (bytes, or pieces written in order) to ``path``: temporary file, fsync, atomic rename.
 
     The file's bytes are durable when this returns; its name is once the returned
-    folders are fsync'd: its own, the parents of folders created for it and, with
-    ``root``, every folder from its own up to ``root``. The last matters when threads
-    write side by side: a folder another thread has just created may not be durable
-    yet (an fsync of a folder nothing changed in costs next to nothing).
+    folders are fsync'd: its own folder, and the parent of every folder above it that
+    is not known to be durable, up to ``root`` (a folder is durable once its parent has
+    been fsync'd since it was created; ``durable`` holds those known, as strings). Without ``root``,
+    the parents of the folders created here. Walking up to ``root`` matters when threads
+    write side by side: a folder another thread has just created may not be durable yet.
     """
-    dirty = make_dirs(path.parent)
+    dirty = make_dirs(path.parent) | {path.parent}
     if root is not None:
         d = path.parent
-        while d != root and root in d.parents:
-            dirty.add(d)
+        while d != root and str(d) not in durable and root in d.parents:
+            dirty.add(d.parent)
             d = d.parent
-        dirty.add(root)
+    pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        views = [memoryview(b) for b in pieces if len(b)]
+        while views:
+            n = os.writev(fd, views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -202,7 +208,7 @@ def write_file(path: Path, data: bytes, root: Path | None = None) -> set[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return dirty | {path.parent}
+    return dirty
 
 
 def write_durably(path: Path, data: bytes) -> None:
@@ -230,7 +236,8 @@ class PendingInstance:
 
     row: tuple[Any, ...]  # the instances row without ``received``
     study_uid: str
-    dirs: set[Path]
+    dirs: set[Path]  # to fsync before the row is committed
+    folders: tuple[str, ...] = ()  # durable once this instance is (its series and study folders)
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
@@ -256,6 +263,8 @@ class GroupCommitter:
     def __init__(self, db: JobDatabase, max_batch: int = 512) -> None:
         self.db = db
         self.max_batch = max_batch
+        #: Folders whose entries are known to be on disk (their parent fsync'd since they were made).
+        self.durable_dirs: set[str] = set()
         self._cond = threading.Condition()
         self._queue: list[PendingInstance] = []
         self._busy = False  # a commit is running (in the committer thread or inline)
@@ -328,6 +337,10 @@ class GroupCommitter:
                 for item in batch:
                     item.error = e
                 return
+            if len(self.durable_dirs) > 100_000:  # forget old studies' folders (they are only fsync'd again)
+                self.durable_dirs.clear()
+            for item in batch:
+                self.durable_dirs.update(item.folders)
             try:
                 self._insert(batch)
             except Exception as e:
@@ -375,17 +388,23 @@ class Spool:
         self.db = db
         for d in (self.spool_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
+        for d in (self.root.parent, self.root):  # the data folder and its spool, durable from here on
+            try:
+                fsync_dir(d)
+            except PermissionError:  # a parent the node may not read: it existed before the node anyway
+                pass
         self._remove_partials()
         # The only writer of instance rows: SQLite takes one writer at a time, and its busy
         # handler sleeps up to 100 ms between tries, which would stall concurrent associations.
         self.committer = GroupCommitter(db)
+        self.committer.durable_dirs.add(str(self.spool_dir))
 
     def _remove_partials(self) -> None:
         # A .part file is an instance that was never acknowledged: the sender retries it.
         for p in list(self.spool_dir.rglob(".*.part")) + list(self.quarantine_dir.glob(".*.part")):
             p.unlink(missing_ok=True)
 
-    def store(self, data: bytes, *, study_uid: str, series_uid: str, sop_uid: str, sop_class: str | None,
+    def store(self, data: bytes | Sequence[bytes], *, study_uid: str, series_uid: str, sop_uid: str, sop_class: str | None,
               modality: str | None, calling_ae: str | None) -> Path:
         """Persist one instance and record it; returns once both are durable.
 
@@ -402,16 +421,18 @@ class Spool:
             The row could not be committed.
         """
         path = self.spool_dir / safe_name(study_uid) / safe_name(series_uid) / f"{safe_name(sop_uid)}.dcm"
-        dirs = write_file(path, data, root=self.root)
+        dirs = write_file(path, data, root=self.root, durable=self.committer.durable_dirs)
+        size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else sum(len(b) for b in data)
         self.committer.submit(PendingInstance(
-            (sop_uid, study_uid, series_uid, sop_class, modality, str(path), len(data), calling_ae), study_uid, dirs))
+            (sop_uid, study_uid, series_uid, sop_class, modality, str(path), size, calling_ae), study_uid, dirs,
+            (str(path.parent), str(path.parent.parent))))
         return path
 
     def close(self) -> None:
         """Commit what is waiting and stop the committer thread (later stores commit inline)."""
         self.committer.close()
 
-    def quarantine(self, data: bytes | None, reason: str, *, calling_ae: str | None = None,
+    def quarantine(self, data: bytes | Sequence[bytes] | None, reason: str, *, calling_ae: str | None = None,
                    sop_uid: str | None = None, study_uid: str | None = None, source: Path | None = None) -> Path:
         """Keep a rejected object with the reason, for the administrator to inspect.
 
