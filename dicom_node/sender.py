@@ -77,9 +77,10 @@ class OutboxSender:
                 self._failed(item, f"{type(e).__name__}: {e}")
                 continue
             now = time.time()
+            # Counted first: a row marked sent is always in the metrics already (it was delivered either way).
+            self.metrics.sent.labels(item["kind"]).inc()
             self.db.execute("UPDATE outbox SET state='sent', sent=?, last_error=NULL, attempts=attempts+1 "
                             "WHERE id=?", (now, item["id"]))
-            self.metrics.sent.labels(item["kind"]).inc()
             if item["kind"] == "sr":
                 stable = self.db.query("SELECT stable FROM studies WHERE study_uid=?", (item["study_uid"],))
                 if stable and stable[0]["stable"]:

@@ -74,12 +74,13 @@ def test_storescu_study_is_spooled_classified_and_sr_arrives_in_orthanc(node_fac
     assert values["verification"] == "UNVERIFIED"
     assert len(values["findings"]) == 1 and values["findings"][0][0] == "SCT"
 
-    # metrics and status
+    # metrics and status: the sender counts the SR once it has released the association, which may be
+    # after Orthanc shows the SR, so wait for the outbox row first
+    wait_until(lambda: node.db.query("SELECT state FROM outbox")[0]["state"] == "sent", 10, what="outbox marked sent")
     with urllib.request.urlopen(f"http://{HOST}:{node.metrics_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     assert 'medclass_node_instances_received_total{modality="CT"} 4.0' in text
     assert 'medclass_node_sent_total{kind="sr"} 1.0' in text
-    wait_until(lambda: node.db.query("SELECT state FROM outbox")[0]["state"] == "sent", 10, what="outbox marked sent")
 
 
 @needs_orthanc
