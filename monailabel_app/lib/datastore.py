@@ -57,6 +57,12 @@ class ClassificationLabels:
             info.update(payload)
             return LocalDatastore.save_label(self, image_id, path, label_tag or DefaultLabelTag.FINAL, info)
 
+    def remove_label(self, label_id: str, label_tag: str) -> None:  # noqa: D102
+        LocalDatastore.remove_label(self, label_id, label_tag)
+        # MONAI Label leaves this to its file watcher, which only watches image and mask
+        # extensions: a removed JSON label would stay "labelled". Reconcile now.
+        self.refresh()
+
     def read_label(self, image_id: str) -> list[str]:
         """The class names stored for ``image_id`` (final tag)."""
         uri = LocalDatastore.get_label_uri(self, image_id, DefaultLabelTag.FINAL)
