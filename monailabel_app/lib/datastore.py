@@ -139,6 +139,8 @@ class DICOMwebClassificationDatastore(ClassificationLabels, DICOMWebDatastore):
     def _register(self, image_id: str) -> None:
         from monailabel.datastore.local import DataModel, ImageLabelModel
 
+        if image_id in self._datastore.objects:  # the usual case: no lock, no file read
+            return
         with self._info_lock:
             self._init_from_datastore_file()
             if image_id not in self._datastore.objects:
