@@ -266,7 +266,7 @@ def choose_next(
             raise MedClassError("no embeddings for the unlabelled images yet",
                                 "run the scoring task (POST /scoring/medclass_uncertainty) with a trained model")
         if score_vec is not None:
-            keep = {i for i in have}
+            keep = set(have)
             score_vec = np.array([s for i, s in zip(pool, score_vec) if i in keep])
         pool = have
         pool_emb = np.stack([embeddings[i] for i in pool])

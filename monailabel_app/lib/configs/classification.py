@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,7 +127,3 @@ def load_config(app_dir: str, conf: dict[str, str]) -> AppConfig:
                             "serve models of one labelling task per app (or pass --conf classes)")
     return cfg
 
-
-def reset_model_dir(cfg: AppConfig) -> None:  # pragma: no cover - maintenance helper
-    """Forget every published checkpoint (start a project over)."""
-    shutil.rmtree(cfg.model_dir, ignore_errors=True)

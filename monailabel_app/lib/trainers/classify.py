@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from monailabel.interfaces.tasks.train import TrainTask
@@ -65,6 +64,6 @@ class ClassifyTrain(TrainTask):
         summary = {"model": self.slot.name, "version": version, "images": len(ds),
                    "auc": m.get("auc"), "accuracy": m.get("accuracy"), "split": m.get("split"),
                    "n_test": m.get("n"), "epochs_run": len(result.history), "seconds": round(time.time() - t0, 1),
-                   "run": str(Path(run))}
+                   "run": str(run)}
         print("metrics " + json.dumps(summary), flush=True)
         return summary
