@@ -132,7 +132,12 @@ class DICOMwebClassificationDatastore(ClassificationLabels, DICOMWebDatastore):
         return series
 
     def get_image_uri(self, image_id: str) -> str:  # noqa: D102
-        uri = DICOMWebDatastore.get_image_uri(self, image_id)
+        try:
+            uri = DICOMWebDatastore.get_image_uri(self, image_id)
+        except OSError as e:  # requests' HTTP and connection errors
+            # A 502 naming the series, not a bare 500: the PACS, not the app, refused.
+            raise HTTPException(status_code=502, detail=f"the PACS could not send series {image_id}: {e}. "
+                                                        "check that the PACS can serve it over WADO-RS") from None
         self._register(image_id)  # record the series so labels and scores can refer to it
         return uri
 
