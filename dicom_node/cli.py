@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="spool, quarantine, outbox and node.db (default ./medclass-node)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: off)")
     p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--scp-processes", type=int,
+                   help="processes accepting associations on the port (default 0: one per CPU core, at most 4)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -59,7 +61,8 @@ def run_main(argv: list[str]) -> int:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     cfg = load_config(a.config, ae_title=a.ae_title, port=a.port, bind=a.bind, checkpoint=a.checkpoint,
                       return_to=a.return_to, stable_seconds=a.stable_seconds, data_dir=a.data_dir,
-                      metrics_port=a.metrics_port, device=a.device)
+                      metrics_port=a.metrics_port, device=a.device,
+                      scp_processes=a.scp_processes)
     if not cfg.checkpoint and not cfg.routes:
         raise MedClassError("no model to classify with", "pass --checkpoint model.pt or run 'medclass quickstart'")
     node = DicomNode(cfg).start()

@@ -10,6 +10,7 @@ A ``node.toml`` (every key optional)::
     return_to = "ORTHANC@pacs.example.org:4242"
     stable_seconds = 10
     metrics_port = 9110                        # 0: no /metrics endpoint
+    scp_processes = 0                          # processes accepting associations; 0: one per core, at most 4
 
     [[allow]]                                  # no [[allow]]: any calling AE is accepted
     ae_title = "ORTHANC"
@@ -55,7 +56,7 @@ else:  # pragma: no cover - Python 3.10
 _NUMBER = (int, float)
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "ae_title": str, "port": int, "bind": str, "data_dir": str, "checkpoint": str, "return_to": str,
-    "stable_seconds": _NUMBER, "metrics_port": int, "device": str, "batch_size": int, "max_send_attempts": int,
+    "stable_seconds": _NUMBER, "metrics_port": int, "scp_processes": int, "device": str, "batch_size": int, "max_send_attempts": int,
     "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
     "tls": dict,
 }
@@ -103,6 +104,7 @@ class NodeConfig:
     return_to: str | None = None
     stable_seconds: float = 10.0
     metrics_port: int = 0
+    scp_processes: int = 0  # 0: dicom_node.ingest.default_processes()
     device: str = "auto"
     batch_size: int = 32
     max_send_attempts: int = 0  # 0: retry forever (the PACS will come back)
@@ -118,6 +120,9 @@ class NodeConfig:
             raise MedClassError(f"AE title {self.ae_title!r} must have 1 to 16 characters", "pass --ae-title MEDCLASS")
         if not 0 < int(self.port) < 65536:
             raise MedClassError(f"port {self.port} is out of range", "pass --port 11112")
+        if not 0 <= int(self.scp_processes) <= 64:
+            raise MedClassError(f"scp_processes {self.scp_processes} is out of range",
+                                "pass --scp-processes 0 (one per core) or a number from 1 to 64")
         if self.stable_seconds < 0:
             raise MedClassError("stable_seconds must be >= 0", "pass --stable-seconds 10")
         if self.return_to:
@@ -156,6 +161,13 @@ class NodeConfig:
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def ingest_processes(self) -> int:
+        """How many processes accept associations (``scp_processes``, 0 resolved)."""
+        from dicom_node.ingest import default_processes
+
+        return int(self.scp_processes) or default_processes()
 
 
 _TLS_PATHS = ("cert", "key", "ca", "peer_ca")

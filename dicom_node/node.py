@@ -8,6 +8,7 @@ from typing import Callable
 
 from dicom_node.assembler import StudyAssembler
 from dicom_node.config import NodeConfig
+from dicom_node.ingest import IngestHelpers
 from dicom_node.metrics import NodeMetrics
 from dicom_node.scp import StorageSCP
 from dicom_node.sender import OutboxSender
@@ -42,8 +43,10 @@ class DicomNode:
         self.db = JobDatabase(data / "node.db")
         self.spool = Spool(data, self.db)
         self.metrics = NodeMetrics()
-        self.scp = StorageSCP(config, self.spool, on_stored=self._stored,
-                              on_rejected=lambda reason: self.metrics.rejected.labels(reason).inc())
+        self.processes = config.ingest_processes
+        self.scp = StorageSCP(config, self.spool, on_stored=self._stored, on_rejected=self._rejected,
+                              reuse_port=self.processes > 1)
+        self.helpers: IngestHelpers | None = None
         self.assembler = StudyAssembler(self.db, config.stable_seconds)
         self.worker = InferenceWorker(config, self.db, self.spool, self.metrics)
         # The node's own sends go over TLS as [tls] says (fails here, at start, when a file is unreadable).
@@ -60,6 +63,9 @@ class DicomNode:
         self.metrics.bytes.inc(size)
         self.metrics.store_seconds.observe(seconds)
 
+    def _rejected(self, reason: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+
     @property
     def port(self) -> int:
         return self.scp.port
@@ -67,6 +73,16 @@ class DicomNode:
     def start(self) -> DicomNode:
         self.assembler.recover()
         self.scp.start()
+        if self.processes > 1:
+            # The other processes join the port the node's SCP has just bound (port 0 resolved).
+            self.helpers = IngestHelpers(self.config, self.scp.port, self.processes - 1, self._stored,
+                                         self._rejected)
+            try:
+                self.helpers.start()
+            except Exception:
+                self.scp.stop()
+                self.helpers.stop()
+                raise
         if self.config.metrics_port:
             self.metrics_port = self.metrics.serve(self.config.metrics_port if self.config.metrics_port > 0 else 0,
                                                    addr=self.config.bind)
@@ -110,6 +126,8 @@ class DicomNode:
         self._wake_worker.set()
         self._wake_sender.set()
         self.scp.stop()
+        if self.helpers is not None:
+            self.helpers.stop()
         self.spool.close()
         for t in self._threads:
             t.join(timeout=30)

@@ -448,3 +448,10 @@ class NodeProcess(PeerProcess):
 
     def command(self) -> list[str]:
         return [self.python, "-m", "medclass", "node", "--port", str(self.port), "--bind", HOST, *self.args]
+
+    def ready(self) -> bool:
+        """The node has printed its start line: every ingest process listens (not only the first)."""
+        try:
+            return f"on port {self.port}," in self.log_path.read_text(errors="replace")
+        except OSError:
+            return False

@@ -379,9 +379,12 @@ class Spool:
     data_dir : str or Path
         The node's data directory.
     db : JobDatabase
+    recover : bool
+        Remove the ``.part`` files of instances never acknowledged (at the node's start;
+        not in an ingest helper process, which starts while others are writing).
     """
 
-    def __init__(self, data_dir: str | Path, db: JobDatabase) -> None:
+    def __init__(self, data_dir: str | Path, db: JobDatabase, recover: bool = True) -> None:
         self.root = Path(data_dir)
         self.spool_dir = self.root / "spool"
         self.quarantine_dir = self.root / "quarantine"
@@ -393,7 +396,8 @@ class Spool:
                 fsync_dir(d)
             except PermissionError:  # a parent the node may not read: it existed before the node anyway
                 pass
-        self._remove_partials()
+        if recover:
+            self._remove_partials()
         # The only writer of instance rows: SQLite takes one writer at a time, and its busy
         # handler sleeps up to 100 ms between tries, which would stall concurrent associations.
         self.committer = GroupCommitter(db)

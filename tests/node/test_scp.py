@@ -40,3 +40,71 @@ def test_header_and_received_bytes_make_the_file_and_read_header_finds_the_uids(
     del ds.PixelData
     assert "PixelData" not in read_header(encode(ds, syntax.is_implicit_VR, syntax.is_little_endian),
                                           syntax.is_implicit_VR, syntax.is_little_endian)
+
+
+def _dataset_bytes(path: str) -> tuple[bytes, pydicom.uid.UID] | None:
+    """The data set's bytes as a C-STORE would carry them (after the File Meta Information)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=False)
+    except Exception:
+        return None
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is None or "StudyInstanceUID" not in ds or ts.is_deflated:
+        return None
+    with open(path, "rb") as f:
+        data = f.read()
+    start = data.find(b"DICM")
+    if start != 128:
+        return None
+    pos = 132
+    # Skip group 0002 (explicit VR little endian, always).
+    while data[pos:pos + 2] == b"\x02\x00":
+        vr = data[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ", b"UC", b"UR"):
+            pos += 12 + int.from_bytes(data[pos + 8:pos + 12], "little")
+        else:
+            pos += 8 + int.from_bytes(data[pos + 6:pos + 8], "little")
+    return data[pos:], ts
+
+
+def test_scan_header_agrees_with_pydicom_on_every_real_file_it_reads():
+    from pydicom.data import get_testdata_files
+
+    from dicom_node.scp import scan_header
+
+    scanned = 0
+    for path in get_testdata_files("*.dcm"):
+        item = _dataset_bytes(path)
+        if item is None:
+            continue
+        raw, ts = item
+        fast = scan_header(raw, ts.is_implicit_VR, ts.is_little_endian)
+        try:
+            h = read_header(raw, ts.is_implicit_VR, ts.is_little_endian)
+            expected = (str(h.StudyInstanceUID), str(h.SeriesInstanceUID), str(h.SOPInstanceUID),
+                        str(h.get("Modality", "") or ""),
+                        any(t in h for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")))
+        except Exception:
+            expected = None
+        if fast is not None:  # whatever the scan reads, it reads as pydicom does
+            assert fast == expected, path
+            scanned += 1
+        elif ts.is_little_endian and expected is not None:
+            # Only unusual data sets are left to pydicom: none of the ordinary modality images.
+            assert not any(name in path for name in ("CT_small", "MR_small", "JPEG2000", "emri_small")), path
+    assert scanned > 50
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated_header", "truncated_pixels", "no_uid"])
+def test_scan_header_leaves_damaged_data_to_pydicom(damage):
+    import os
+
+    from dicom_node.scp import scan_header
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    if damage == "no_uid":
+        del ds.StudyInstanceUID
+    raw = encode(ds, False, True)
+    raw = {"random": os.urandom(len(raw)), "truncated_header": raw[:300],
+           "truncated_pixels": raw[:raw.find(b"\xe0\x7f\x10\x00") + 500], "no_uid": raw}[damage]
+    assert scan_header(raw, False, True) is None
