@@ -7,6 +7,7 @@ associations to
 - the medclass node (``medclass node``, a subprocess): each instance written, fsync'd,
   renamed, its folder fsync'd and its row committed to SQLite (``synchronous=FULL``) before
   the success status; concurrent associations share folder fsyncs and commits (group commit);
+  with its default number of ingest processes (one per core, at most 4) and with one;
 - dcmtk ``storescp --fork`` (one process per association), writing to a folder, no fsync;
 - pynetdicom's ``storescp`` app (``python -m pynetdicom storescp``), writing to a folder, no fsync.
 
@@ -44,12 +45,13 @@ from pathlib import Path
 import pydicom
 from pydicom.data import get_testdata_file
 
+from dicom_node.ingest import default_processes
 from dicom_node.peers import HOST, DcmtkStoreSCP, NodeProcess, PeerProcess, PynetdicomStoreSCP, dcmtk_env
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_result  # noqa: E402
 
-SERVERS = ("medclass-node", "dcmtk-storescp", "pynetdicom-storescp")
+SERVERS = ("medclass-node", "medclass-node-1proc", "dcmtk-storescp", "pynetdicom-storescp")
 OTHER_BENCHMARKS = r"bench_[A-Za-z0-9_]+\.py"  # any other benchmark script of bench/ (not these two)
 
 
@@ -113,11 +115,13 @@ class Server:
 
     def __init__(self, kind: str, root: Path, checkpoint: str) -> None:
         self.kind = kind
-        if kind == "medclass-node":
+        if kind.startswith("medclass-node"):
             self.data = root / "data"
+            # medclass-node: the default number of ingest processes; medclass-node-1proc: one process.
+            extra = ["--scp-processes", "1"] if kind == "medclass-node-1proc" else []
             self.peer: PeerProcess = NodeProcess(root, ["--checkpoint", checkpoint, "--data-dir", str(self.data),
                                                         "--stable-seconds", "3600", "--device", "cpu",
-                                                        "--ae-title", "STORESCP"])
+                                                        "--ae-title", "STORESCP", *extra])
         elif kind == "dcmtk-storescp":
             self.peer = DcmtkStoreSCP(root, "STORESCP", fork=True)
         elif kind == "pynetdicom-storescp":
@@ -229,9 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
         "what": "storescu -> receiver on loopback; instances acknowledged per second (median of runs)",
         "file": "pydicom CT_small.dcm (128x128, 16-bit, Explicit VR Little Endian) with new UIDs",
         "servers": {
-            "medclass-node": "medclass node (subprocess): write, fsync, rename, fsync dir, SQLite synchronous=FULL "
+            "medclass-node": f"medclass node (subprocess) with its default {default_processes()} ingest processes "
+                             "sharing the port: write, fsync, rename, fsync dir, SQLite synchronous=FULL "
                              "before success, folder fsyncs and commits shared by concurrent associations (group "
                              "commit); stable_seconds 3600 (no classification during the run)",
+            "medclass-node-1proc": "the same with --scp-processes 1 (one process)",
             "dcmtk-storescp": "storescp --fork -od DIR (no fsync)",
             "pynetdicom-storescp": "python -m pynetdicom storescp -od DIR (no fsync)",
         },
