@@ -700,14 +700,15 @@ def fit_labelled(cfg: SimulationConfig, task, x: torch.Tensor, y: torch.Tensor, 
                  device: torch.device) -> nn.Module:
     """Train ``cfg.model`` from scratch on ``(x, y)`` with a fixed number of steps.
 
-    The recipe of :func:`medclass.training.train` (AdamW, one-cycle schedule,
-    class-weighted loss, :func:`~medclass.training.augment_batch`), without a
+    The recipe and the step of :func:`medclass.training.train`
+    (:func:`~medclass.training.optimiser`, :func:`~medclass.training.train_step`:
+    AdamW, one-cycle schedule, class-weighted loss, augmentation), without a
     validation split: an annotation team starting out has none to spare, and a
     simulation's model must not be selected on held-out images. Small labelled sets get
     ``min_steps`` steps rather than ``epochs`` passes, which would be a handful of steps.
     """
     from medclass.models import create_model
-    from medclass.training import augment_batch
+    from medclass.training import optimiser, train_step
 
     torch.manual_seed(seed)
     model = create_model(cfg.model, spatial_dims=x.dim() - 2, in_channels=int(x.shape[1]),
@@ -716,13 +717,13 @@ def fit_labelled(cfg: SimulationConfig, task, x: torch.Tensor, y: torch.Tensor, 
         model.fit(x.numpy(), y.numpy())
         return model
     model.to(device)
-    if x.dim() == 4:
+    channels_last = x.dim() == 4
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     criterion = task.loss(task.class_weights(y.numpy()).to(device)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(y)
     steps = max(cfg.min_steps, math.ceil(cfg.epochs * n / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15)
+    opt, sched = optimiser(model, cfg.lr, cfg.weight_decay, steps)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     step = 0
@@ -732,18 +733,11 @@ def fit_labelled(cfg: SimulationConfig, task, x: torch.Tensor, y: torch.Tensor, 
             idx = perm[i : i + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on a batch of one
                 continue
-            xb = augment_batch(x[idx], gen).to(device, non_blocking=True)
-            if xb.dim() == 4:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
-                loss = criterion(model(xb).float(), y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            train_step(model, x[idx], y[idx], criterion, opt, sched, device, generator=gen,
+                       channels_last=channels_last)
             step += 1
             if step >= steps:
                 break
-            sched.step()
     model.eval()
     return model
 

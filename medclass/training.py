@@ -230,6 +230,40 @@ def _best_epoch(history: list[dict[str, float]]) -> int | None:
     return int(max(history, key=lambda h: h["val_score"])["epoch"])
 
 
+def optimiser(model: nn.Module, lr: float, weight_decay: float,
+              total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
+    """AdamW with a one-cycle learning-rate schedule over ``total_steps`` (the recipe of every medclass fit)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, total_steps), pct_start=0.15)
+    return opt, sched
+
+
+def train_step(net: nn.Module, xb: torch.Tensor, yb: torch.Tensor, criterion: nn.Module,
+               opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.OneCycleLR, device: torch.device, *,
+               generator: torch.Generator | None = None, channels_last: bool = False,
+               extra: dict[str, torch.Tensor] | None = None) -> float:
+    """One optimisation step on a batch; returns its loss.
+
+    Augments the batch on the CPU when ``generator`` is given (:func:`augment_batch`),
+    moves it to ``device`` (channels-last for 2D CNNs), runs forward under autocast,
+    steps the optimiser and the schedule (never past the schedule's last step).
+    """
+    if generator is not None:
+        xb = augment_batch(xb, generator)
+    xb = xb.to(device, non_blocking=True)
+    if channels_last:
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    extra = {k: v.to(device) for k, v in (extra or {}).items()}
+    with autocast(device):
+        loss = criterion(net(xb, **extra).float(), yb.to(device))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if sched.last_epoch < sched.total_steps - 1:
+        sched.step()
+    return loss.item()
+
+
 def _fit_torch(model: nn.Module, cfg: TrainConfig, task, sets: dict[str, TensorSet], device: torch.device,
                distributed: bool, is_main: bool, on_epoch) -> tuple[nn.Module, list[dict[str, float]]]:
     train_set, val_set = sets["train"], sets["val"]
@@ -249,12 +283,10 @@ def _fit_torch(model: nn.Module, cfg: TrainConfig, task, sets: dict[str, TensorS
         net = torch.compile(net)
     weights = task.class_weights(train_set.y.numpy()).to(device)
     criterion = task.loss(weights).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rank, _, world = _ddp_env()
     n = len(train_set)
     steps_per_epoch = max(1, math.ceil(n / world / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
-                                                pct_start=0.15)
+    opt, sched = optimiser(model, cfg.lr, cfg.weight_decay, cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
     best_score, best_state, stale = -math.inf, None, 0
     history: list[dict[str, float]] = []
@@ -274,22 +306,10 @@ def _fit_torch(model: nn.Module, cfg: TrainConfig, task, sets: dict[str, TensorS
             idx = perm[i : i + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on a batch of one
                 continue
-            xb = train_set.x[idx]
-            if cfg.augment:
-                xb = augment_batch(xb, gen)
-            xb = xb.to(device, non_blocking=True)
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yb = train_set.y[idx].to(device)
-            extra = {k: v.to(device) for k, v in train_set.extra(idx).items()}
-            with autocast(device):
-                loss = criterion(net(xb, **extra).float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched.last_epoch < sched.total_steps - 1:
-                sched.step()
-            total += loss.item() * len(idx)
+            loss = train_step(net, train_set.x[idx], train_set.y[idx], criterion, opt, sched, device,
+                              generator=gen if cfg.augment else None, channels_last=channels_last,
+                              extra=train_set.extra(idx))
+            total += loss * len(idx)
             seen += len(idx)
         train_s = time.perf_counter() - t0
         record = {"epoch": epoch, "train_loss": total / max(seen, 1),
