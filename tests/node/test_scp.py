@@ -108,3 +108,25 @@ def test_scan_header_leaves_damaged_data_to_pydicom(damage):
     raw = {"random": os.urandom(len(raw)), "truncated_header": raw[:300],
            "truncated_pixels": raw[:raw.find(b"\xe0\x7f\x10\x00") + 500], "no_uid": raw}[damage]
     assert scan_header(raw, False, True) is None
+
+
+@pytest.mark.parametrize("sop_class,sop_uid,message_id,status", [
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", 7, 0x0000),  # odd-length instance UID
+    ("1.2.840.10008.5.1.4.1.1.1", "1.2.3.4.56", 65535, 0xC210),
+    ("1.2.840.10008.5.1.4.1.1.12.1", "1.2", 1, 0xA700),  # odd-length class UID
+])
+def test_fast_store_response_is_what_pynetdicom_encodes(sop_class, sop_uid, message_id, status):
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dicom_node.reactor import store_response_pdv
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.AffectedSOPInstanceUID = sop_uid
+    rsp.Status = status
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    (pdata,) = list(msg.encode_msg(1, 16384))
+    assert store_response_pdv(message_id, sop_class, sop_uid, status) == pdata.presentation_data_value_list[0][1]
