@@ -65,13 +65,21 @@ def run_main(argv: list[str]) -> int:
                       scp_processes=a.scp_processes)
     if not cfg.checkpoint and not cfg.routes:
         raise MedClassError("no model to classify with", "pass --checkpoint model.pt or run 'medclass quickstart'")
-    node = DicomNode(cfg).start()
-    # SIGTERM (systemd, docker stop) ends the node like Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: node._stop.set())
-    print(f"medclass node {cfg.ae_title} on port {node.port}, data in {cfg.data_dir}"
-          + (f", SR to {cfg.return_to}" if cfg.return_to else ", no --return-to: SRs stay in the outbox")
-          + (f", metrics on :{node.metrics_port}/metrics" if node.metrics_port else ""), flush=True)
-    node.wait()
+    # Ctrl-C and SIGTERM (systemd, docker stop) only note the request; the main loop sees it and stops the
+    # node in order. A KeyboardInterrupt raised wherever the main thread happens to be (starting the
+    # ingest processes, inside a lock) could skip or wedge the clean stop.
+    requested: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: requested.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        node = DicomNode(cfg).start()
+        print(f"medclass node {cfg.ae_title} on port {node.port}, data in {cfg.data_dir}"
+              + (f", SR to {cfg.return_to}" if cfg.return_to else ", no --return-to: SRs stay in the outbox")
+              + (f", metrics on :{node.metrics_port}/metrics" if node.metrics_port else ""), flush=True)
+        node.wait(lambda: bool(requested))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -282,8 +282,12 @@ class IngestHelpers:
             elif kind == "stopped":
                 return
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Ask every helper to stop (they commit what is waiting), then wait for them."""
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask every helper to stop (they commit what is waiting), then wait for them.
+
+        A helper still running after ``timeout`` seconds is killed: every instance it
+        acknowledged is already durable, and the sender retries what it had not.
+        """
         self._stopping.set()
         for conn in self._conns:
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 from dicom_node.assembler import StudyAssembler
@@ -133,10 +134,16 @@ class DicomNode:
             t.join(timeout=30)
         self.metrics.stop()
 
-    def wait(self) -> None:
-        """Block until interrupted."""
+    def wait(self, stop_requested: Callable[[], bool] = lambda: False) -> None:
+        """Serve until ``stop_requested()`` is true (looked at every 0.2 s) or the node is stopped; then stop.
+
+        ``stop_requested`` is how a signal handler asks the node to stop: it sets a flag and
+        takes no lock, so it cannot deadlock with the thread it interrupts.
+        """
         try:
-            while not self._stop.wait(1.0):
-                pass
+            while not (stop_requested() or self._stop.is_set()):
+                time.sleep(0.2)
         finally:
+            log.info("stopping")
             self.stop()
+            log.info("stopped")

@@ -1,4 +1,4 @@
-"""The node's command line: Ctrl-C stops it cleanly, a busy port is one line, and
+"""The node's command line: Ctrl-C and SIGTERM stop it cleanly (even while it starts), a busy port is one line, and
 ``medclass quickstart`` ends by starting it (``--no-node`` skips that)."""
 
 from __future__ import annotations
@@ -7,25 +7,51 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 
 from dicom_node.cli import main as node_main
 from medclass.cli import main as medclass_main
 
-from .conftest import HOST, free_port
+from .conftest import HOST, free_port, wait_until
 
 
-def test_ctrl_c_stops_the_node_cleanly(node_process, checkpoint, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_stop_the_node_cleanly(sig, node_process, checkpoint, tmp_path):
     port = free_port()
-    node = node_process(["--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "data"), "--device", "cpu"],
-                        port).start()
-    os.kill(node.proc.pid, signal.SIGINT)
+    node = node_process(["--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "data"), "--device", "cpu",
+                         "--scp-processes", "2"], port).start()
+    helpers = subprocess.run(["pgrep", "-P", str(node.proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(helpers) == 1
+    os.kill(node.proc.pid, sig)
     assert node.proc.wait(30) == 0
     log = node.log_path.read_text()
     assert "Traceback" not in log
-    assert f"medclass node MEDCLASS on port {port}" in log
+    assert f"medclass node MEDCLASS on port {port}" in log and "stopped" in log
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in helpers)  # stopped by the node, not orphaned
     with socket.socket() as s:  # the port is free again
+        s.bind((HOST, port))
+
+
+def test_ctrl_c_while_the_node_is_starting_stops_it_cleanly(checkpoint, tmp_path):
+    """The signal lands while the ingest processes start: the node still stops in order."""
+    port = free_port()
+    log_path = tmp_path / "node.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "medclass", "node", "--port", str(port), "--bind", HOST,
+                                 "--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "data"),
+                                 "--device", "cpu", "--scp-processes", "3"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: "listening on" in log_path.read_text(), 60, 0.01, "the node's first listener")
+            os.kill(proc.pid, signal.SIGINT)
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+    text = log_path.read_text()
+    assert "Traceback" not in text and "stopped" in text
+    with socket.socket() as s:  # no helper was left holding the port
         s.bind((HOST, port))
 
 
