@@ -157,6 +157,20 @@ def node_section(ingest: list[dict], turn: list[dict]) -> list[str]:
     return out
 
 
+def node_batch_section(runs: list[dict]) -> list[str]:
+    if not runs:
+        return []
+    b = runs[-1]
+    return ["## DICOM node: batched inference path", "",
+            f"`python bench/bench_node_batch.py`: {b['what']}. Model: {b['model']}; device {b['device']}; "
+            f"{b['images']} images, batch size {b['batch_size']}, {b['repeats']} repeats.", "",
+            "| path | images/s |", "| --- | --- |",
+            f"| node, spooled files to SR (batched) | {b['batched_path_images_per_second']:.1f} |",
+            f"| model only (preprocessed tensors) | {b['model_only_images_per_second']:.1f} |", "",
+            f"The node's path runs at {b['path_over_model']:.2f} of the model's own rate.", "",
+            f"Measured: {_machine(b['machine'])}.", ""]
+
+
 def al_section(runs: list[dict]) -> list[str]:
     """Does active learning pay? From ``bench/bench_al.py`` (``medclass al-sim``)."""
     if not runs:
@@ -279,11 +293,14 @@ def main() -> None:
     lines += speed_section(_load("speed.json"))
     lines += text_section(_load("text.json"))
     lines += node_section(_load("node-ingest.json"), _load("node-turnaround.json"))
+    lines += node_batch_section(_load("node-batch.json"))
     lines += al_section(_load("al-sim.json"))
     if not any(r["machine"].get("gpu") for r in zoo + _load("speed.json")):
         lines += ["## GPU", "", "No GPU figures yet: the sessions that measured these had no GPU machine. "
                   "`bench/bench_speed.py` and `bench/bench_zoo.py` run unchanged on one (`--device auto`, bf16 "
-                  "autocast, channels_last); `medclass train --compile` adds torch.compile.", ""]
+                  "autocast, channels_last); `medclass train --compile` adds torch.compile; "
+                  "`bench/bench_node_batch.py --device cuda` gives the node's batched path against the model "
+                  "alone.", ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
     print("wrote BENCHMARKS.md")
 

@@ -44,10 +44,7 @@ def test_sr_roundtrip_from_a_real_ct(card, tmp_path):
     assert values["findings"] == [("SCT", "233604007", "Pneumonia")]  # from the card's class_codes
     assert values["algorithm"] == ("resnet18", card["medclass_version"])
     group = parsed.content.get_image_measurement_groups()[0]
-    refs = [i.referenced_sop_instance_uid for i in group.get_source_images()] if hasattr(
-        group, "get_source_images") else None
-    if refs is not None:
-        assert refs == [src.SOPInstanceUID]
+    assert [i.referenced_sop_instance_uid for i in group.source_images] == [src.SOPInstanceUID]
 
 
 def test_sr_private_code_and_multilabel(card):
@@ -81,3 +78,30 @@ def test_sr_passes_dciodvfy_and_dsrdump(card, tmp_path, mammogram_paths):
     assert d.returncode == 0, d.stderr
     assert "TID 1500" in d.stdout and "TID 1501" in d.stdout
     assert "Probability of pneumonia" in d.stdout
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
+def test_sr_of_a_large_series_names_every_image_and_passes_dciodvfy(card, tmp_path):
+    """Above IMAGE_LIBRARY_MAX_IMAGES the image library's descriptors are left out (they made a 256-slice
+    report take 24 s to build); the source references and the evidence still name every image."""
+    from medclass.sr import IMAGE_LIBRARY_MAX_IMAGES
+
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    srcs = []
+    for i in range(IMAGE_LIBRARY_MAX_IMAGES + 8):
+        ds = pydicom.Dataset(base)
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.InstanceNumber = i + 1
+        srcs.append(ds)
+    sr = build_classification_sr(srcs, card, {"normal": 0.3, "pneumonia": 0.7}, "pneumonia")
+    back = _roundtrip(sr)
+    evidence = {i.ReferencedSOPInstanceUID for s in back.CurrentRequestedProcedureEvidenceSequence
+                for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+    assert evidence == {ds.SOPInstanceUID for ds in srcs}
+    group = hd.sr.Comprehensive3DSR.from_dataset(back).content.get_image_measurement_groups()[0]
+    assert [i.referenced_sop_instance_uid for i in group.source_images] == [ds.SOPInstanceUID for ds in srcs]
+    assert read_classification_sr(back)["probabilities"] == pytest.approx({"normal": 0.3, "pneumonia": 0.7})
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    v = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    assert [line for line in (v.stdout + v.stderr).splitlines() if line.startswith("Error")] == []
