@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -53,8 +54,6 @@ def spool_study(spool: Spool, n: int) -> tuple[str, list[Path]]:
     for i in range(n):
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
         ds.InstanceNumber = i + 1
-        from io import BytesIO
-
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         paths.append(spool.store(buf.getvalue(), study_uid=study, series_uid=series, sop_uid=ds.SOPInstanceUID,

@@ -193,10 +193,7 @@ class IngestHelpers:
                 self._procs[i], self._conns[i] = proc, conn
         except BaseException:
             for proc, conn in launched:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(5)
-                conn.close()
+                self._discard(proc, conn)
             raise
         for i in range(self.count):
             t = threading.Thread(target=self._watch, args=(i,), name=f"medclass-node-ingest{i}", daemon=True)
@@ -220,11 +217,17 @@ class IngestHelpers:
         try:
             self._await_ready(i, proc, conn, timeout)
         except BaseException:
-            proc.kill()
-            proc.wait(5)
-            conn.close()
+            self._discard(proc, conn)
             raise
         self._procs[i], self._conns[i] = proc, conn
+
+    @staticmethod
+    def _discard(proc: subprocess.Popen, conn: Connection) -> None:
+        """End a helper that did not start, and close its pipe."""
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        conn.close()
 
     @staticmethod
     def _await_ready(i: int, proc: subprocess.Popen, parent: Connection, timeout: float) -> None:

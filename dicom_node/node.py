@@ -75,7 +75,8 @@ class DicomNode:
         self.assembler.recover()
         self.scp.start()
         if self.processes > 1:
-            # The other processes join the port the node's SCP has just bound (port 0 resolved).
+            # The other processes join the port once the node's own SCP holds it: a port taken by another
+            # program fails here, with the node's own one-line error.
             self.helpers = IngestHelpers(self.config, self.scp.port, self.processes - 1, self._stored,
                                          self._rejected)
             try:
