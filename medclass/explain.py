@@ -25,7 +25,11 @@ class Explanation:
     heatmap: np.ndarray  # (H, W) or (D, H, W), preprocessed input size
     input: np.ndarray  # the preprocessed image, (C, H, W) or (C, D, H, W)
     class_name: str
-    method: str  # "gradcam" | "attention"
+    method: str  # "gradcam" | "saliency" | "attention"
+    probability: float | None = None  # the model's probability of ``class_name``
+    note: str | None = None  # why the map is not the method first asked for (e.g. no positive Grad-CAM evidence)
+    slice_index: int | None = None  # the slice of a volume a 2D model classified (its middle one)
+    slices: int | None = None  # how many slices that volume has
 
 
 def target_index(classifier: Classifier, probs: np.ndarray, class_name: str | None) -> tuple[int, str]:
@@ -37,9 +41,7 @@ def target_index(classifier: Classifier, probs: np.ndarray, class_name: str | No
         k = task.classes.index(class_name)
     elif task.type == "binary":
         k = 1
-    elif task.type == "multilabel":
-        k = int(np.argmax(probs))
-    else:
+    else:  # multi-class, ordinal and multi-label: the most probable class
         k = int(np.argmax(probs))
     name = task.classes[k]
     if task.type == "ordinal":  # logit j is "grade > j": explain the evidence for reaching grade k
@@ -52,6 +54,11 @@ def explain(classifier: Classifier, image, class_name: str | None = None) -> Exp
 
     Grad-CAM (MONAI's implementation) on the model's ``cam_layer``; models
     without one (ViT, attention-MIL) return their own attention map.
+
+    A Grad-CAM map is never silently blank: when every channel weight is negative
+    (the ReLU'd map is all zero, i.e. the layer holds no evidence *for* the class),
+    the map falls back to input-gradient saliency (:func:`saliency`), ``method`` says
+    ``"saliency"`` and ``note`` says why.
     """
     loaded = classifier.loaded
     if not loaded.is_torch:
@@ -64,7 +71,9 @@ def explain(classifier: Classifier, image, class_name: str | None = None) -> Exp
     with torch.no_grad():
         probs = loaded.task.probabilities(model(x, **extra)).cpu().numpy()[0]
     k, name = target_index(classifier, probs, class_name)
+    probability = float(probs[classifier.classes.index(name)])
     method = model.explanation_method(x) if hasattr(model, "explanation_method") else "gradcam"
+    note = None
     if method == "gradcam" and getattr(model, "cam_layer", None):
         from monai.visualize import GradCAM
 
@@ -73,6 +82,11 @@ def explain(classifier: Classifier, image, class_name: str | None = None) -> Exp
         cam = GradCAM(nn_module=model, target_layers=model.cam_layer, postprocessing=lambda a: a)
         with torch.enable_grad():
             heat = cam(x, class_idx=k, **extra)[0, 0].detach().float().cpu().numpy()
+        if not heat.max() > heat.min():
+            heat = saliency(model, x, k, extra)
+            method = "saliency"
+            note = (f"Grad-CAM found no positive evidence for {name!r} in {model.cam_layer}; "
+                    "showing input-gradient saliency instead")
     elif hasattr(model, "attention_map"):
         with torch.no_grad():
             heat = model.attention_map(x)[0].float().cpu().numpy()
@@ -82,7 +96,34 @@ def explain(classifier: Classifier, image, class_name: str | None = None) -> Exp
                             "register a cam_layer for it")
     heat = heat - heat.min()
     heat = heat / heat.max() if heat.max() > 0 else heat
-    return Explanation(heat.astype(np.float32), x[0].cpu().numpy(), name, method)
+    slice_index = slices = None
+    if image.array.ndim == 4 and x.dim() == 4:  # a volume given to a 2D model: SelectSpatialDims took D // 2
+        slices = int(image.array.shape[1])
+        slice_index = slices // 2
+    return Explanation(heat.astype(np.float32), x[0].cpu().numpy(), name, method, probability, note,
+                       slice_index, slices)
+
+
+def saliency(model: torch.nn.Module, x: torch.Tensor, k: int, extra: dict | None = None) -> np.ndarray:
+    """Input-gradient saliency of logit ``k``: ``|d logit / d x|``, summed over channels, lightly smoothed.
+
+    The fallback when Grad-CAM is all zero. Unlike Grad-CAM it needs no positive
+    channel weight, so it is zero only where the model does not depend on the input
+    at all. A Gaussian (sigma 1 pixel) removes the checkerboard of strided convolutions.
+    """
+    from monai.transforms import GaussianSmooth
+
+    x = x.detach().clone().requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            logit = model(x, **(extra or {}))[0, k]
+            (grad,) = torch.autograd.grad(logit, x)
+    finally:
+        model.train(was_training)
+    sal = grad[0].abs().sum(dim=0, keepdim=True).float().cpu()
+    return GaussianSmooth(sigma=1.0)(sal)[0].numpy()
 
 
 def to_image_space(heatmap: np.ndarray, spatial_shape: tuple[int, ...]) -> np.ndarray:
@@ -106,9 +147,13 @@ def save_overlay(explanation: Explanation, path: str | Path, title: str | None =
     from matplotlib.figure import Figure
 
     img, heat = explanation.input, explanation.heatmap
+    where = ""
+    if explanation.slice_index is not None:
+        where = f", slice {explanation.slice_index + 1} of {explanation.slices}"
     if heat.ndim == 3:  # a volume: show its middle slice
         mid = heat.shape[0] // 2
         heat, img = heat[mid], img[:, mid]
+        where = f", slice {mid + 1} of {explanation.heatmap.shape[0]}"
     base = img.mean(axis=0) if img.shape[0] != 3 else np.moveaxis(img, 0, -1)
     base = (base - base.min()) / (np.ptp(base) or 1.0)
     fig = Figure(figsize=(8, 4.2), dpi=100)
@@ -119,8 +164,11 @@ def save_overlay(explanation: Explanation, path: str | Path, title: str | None =
         ax.axis("off")
     im = axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
     fig.colorbar(im, ax=axes[1], fraction=0.046)
-    axes[0].set_title("input")
-    axes[1].set_title(f"{explanation.method}: {explanation.class_name}")
+    axes[0].set_title(f"input{where}")
+    p = "" if explanation.probability is None else f" (p = {explanation.probability:.2f})"
+    axes[1].set_title(f"{explanation.method}: {explanation.class_name}{p}")
+    if explanation.note:
+        fig.text(0.5, 0.01, explanation.note, ha="center", fontsize=8, wrap=True)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

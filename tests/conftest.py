@@ -30,13 +30,23 @@ def mammogram_paths() -> list[Path]:
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> Path:
-    """A resnet18 trained briefly on real Br35H images (32 px, 600 training images, 4 epochs)."""
+    """A resnet18 trained briefly on real Br35H images (32 px, 600 training images, 4 epochs).
+
+    Seeded and on one thread, so that it is the same model on every machine (a thread
+    count changes the order of float sums). Tests still assert only what the code
+    guarantees, not what this model happens to learn.
+    """
     from medclass.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("trained")
     cfg = TrainConfig(data="br35h", model="resnet18", out=str(out), image_size=32, epochs=4, batch_size=32,
                       limit=600, device="cpu", seed=0, progress=False)
-    train(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

@@ -263,6 +263,8 @@ class ClassificationLogic:
             return job
         job.heat = np.clip(np.nan_to_num(grid, nan=0.0), 0.0, 1.0).astype(np.float32)
         job.explained_class, job.method = ex.class_name, ex.method
+        if ex.note:  # e.g. Grad-CAM held no positive evidence: say which map is shown instead
+            job.notes.append(ex.note)
         return job
 
     def publish(self, job: ClassificationJob) -> ClassificationResult:

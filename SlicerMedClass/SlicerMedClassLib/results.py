@@ -34,7 +34,7 @@ class ClassificationResult:
     explained_class : str or None
         The class whose evidence the heat map shows.
     method : str or None
-        ``gradcam`` or ``attention``.
+        ``gradcam``, ``saliency`` (Grad-CAM held no positive evidence) or ``attention``.
     slice_index : int or None
         For a 2D model given a volume: the slice (K index) it classified; the heat
         map is zero on the other slices.

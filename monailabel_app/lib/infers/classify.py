@@ -67,6 +67,8 @@ class ClassifyInfer(InferTask):
         out = tempfile.NamedTemporaryFile(suffix=".nrrd", delete=False).name
         _write_like(heat, image, out, path)
         result.update(heatmap_class=ex.class_name, heatmap_method=ex.method)
+        if ex.note:
+            result["heatmap_note"] = ex.note
         return out, result
 
 
