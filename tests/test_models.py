@@ -272,3 +272,19 @@ def test_eval_mode_output_depends_on_the_input():
     with torch.no_grad():
         out = model(x)
     assert out.std(dim=0).max() > 1e-3, out
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_builder_names_its_arguments(name):
+    from medclass.models.registry import builder_arguments
+
+    args = builder_arguments(name)  # raises for a builder that swallows **kwargs
+    assert not {"spatial_dims", "in_channels", "num_outputs", "image_size"} & set(args)
+
+
+def test_a_misspelt_model_argument_is_one_line_naming_it():
+    with pytest.raises(MedClassError, match=r"resnet18 takes no argument 'dropuot'.*did you mean 'dropout'"):
+        create_model("resnet18", dropuot=0.5)
+    with pytest.raises(MedClassError, match="takes no argument 'width'"):
+        create_model("vit", width=16)  # a cbam-resnet18 argument, not the ViT's
+    assert create_model("cbam-resnet18", width=8, image_size=SIZE) is not None

@@ -30,8 +30,7 @@ def _scale01(m: torch.Tensor) -> torch.Tensor:
 
 
 @register_model("seresnet50", "attention", description="SE-ResNet-50 (MONAI), squeeze-and-excitation channel attention")
-def seresnet50(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2,
-               **_) -> MonaiCNN:
+def seresnet50(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2) -> MonaiCNN:
     body = nets.SEResNet50(spatial_dims=spatial_dims, in_channels=in_channels, num_classes=1, pretrained=False)
     features = body.last_linear.in_features
     body.last_linear = nn.Identity()
@@ -138,7 +137,7 @@ class CBAMResNet(ClassifierModule):
 
 @register_model("cbam-resnet18", "attention", description="ResNet-18 layout (width 32) with CBAM after each stage")
 def cbam_resnet18(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, width: int = 32,
-                  dropout: float = 0.2, **_) -> CBAMResNet:
+                  dropout: float = 0.2) -> CBAMResNet:
     return CBAMResNet(spatial_dims, in_channels, num_outputs, width, dropout)
 
 
@@ -204,7 +203,8 @@ class ViTClassifier(ClassifierModule):
 
 @register_model("vit", "attention", description="small ViT (MONAI; patch 8, hidden 192, 4 layers, 3 heads)")
 def vit(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, slices: int | None = None,
-        patch_size: int = 8, dropout: float = 0.2, **kw) -> ViTClassifier:
+        patch_size: int = 8, dropout: float = 0.2, hidden: int = 192, mlp: int = 384, layers: int = 4,
+        heads: int = 3) -> ViTClassifier:
     """Build the ViT; ``slices`` is the depth of a 3D input (default ``image_size``: a cube)."""
     if spatial_dims == 2:
         img, patch = (image_size, image_size), (patch_size, patch_size)
@@ -212,8 +212,8 @@ def vit(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, slices: int
         d = slices or image_size
         # Volumes are often thin (a few slices): a shallower patch along depth keeps tokens.
         img, patch = (d, image_size, image_size), (min(patch_size // 2, d) or 1, patch_size, patch_size)
-    opts = {k: kw[k] for k in ("hidden", "mlp", "layers", "heads") if k in kw}
-    return ViTClassifier(spatial_dims, in_channels, num_outputs, img, patch, dropout=dropout, **opts)
+    return ViTClassifier(spatial_dims, in_channels, num_outputs, img, patch, hidden=hidden, mlp=mlp, layers=layers,
+                         heads=heads, dropout=dropout)
 
 
 # --------------------------------------------------------------------------- attention-MIL
@@ -307,5 +307,5 @@ class GatedAttentionMIL(ClassifierModule):
 @register_model("attention-mil", "attention", input_kind="bag",
                 description="gated attention-MIL over slices/views (3D) or 4x4 tiles (2D)")
 def attention_mil(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, grid: int = 4,
-                  dropout: float = 0.2, **_) -> GatedAttentionMIL:
+                  dropout: float = 0.2) -> GatedAttentionMIL:
     return GatedAttentionMIL(in_channels, num_outputs, grid=grid, dropout=dropout)

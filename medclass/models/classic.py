@@ -131,10 +131,10 @@ class ClassicClassifier:
 
 
 @register_model("hog-svm", "classic", spatial_dims=(2,), description="HOG + intensity histogram, RBF SVM")
-def hog_svm(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, seed: int = 0, **_) -> ClassicClassifier:
+def hog_svm(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, seed: int = 0) -> ClassicClassifier:
     return ClassicClassifier("svm", num_outputs, image_size, seed)
 
 
 @register_model("hog-rf", "classic", spatial_dims=(2,), description="HOG + intensity histogram, random forest (300 trees)")
-def hog_rf(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, seed: int = 0, **_) -> ClassicClassifier:
+def hog_rf(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, seed: int = 0) -> ClassicClassifier:
     return ClassicClassifier("rf", num_outputs, image_size, seed)

@@ -41,7 +41,7 @@ class MonaiCNN(ClassifierModule):
         return self.dropout(self.body(x))
 
 
-def _resnet(n_layers: int, spatial_dims: int, in_channels: int, num_outputs: int, dropout: float = 0.2, **_):
+def _resnet(n_layers: int, spatial_dims: int, in_channels: int, num_outputs: int, dropout: float = 0.2):
     builder = {18: nets.resnet18, 50: nets.resnet50}[n_layers]
     body = builder(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=1)
     features = body.fc.in_features
@@ -52,17 +52,17 @@ def _resnet(n_layers: int, spatial_dims: int, in_channels: int, num_outputs: int
 
 
 @register_model("resnet18", "cnn", description="ResNet-18 (MONAI), 11 M parameters in 2D")
-def resnet18(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, **kw):
-    return _resnet(18, spatial_dims, in_channels, num_outputs, **kw)
+def resnet18(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2):
+    return _resnet(18, spatial_dims, in_channels, num_outputs, dropout)
 
 
 @register_model("resnet50", "cnn", description="ResNet-50 (MONAI), bottleneck blocks")
-def resnet50(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, **kw):
-    return _resnet(50, spatial_dims, in_channels, num_outputs, **kw)
+def resnet50(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2):
+    return _resnet(50, spatial_dims, in_channels, num_outputs, dropout)
 
 
 @register_model("densenet121", "cnn", description="DenseNet-121 (MONAI), the CheXNet backbone")
-def densenet121(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2, **_):
+def densenet121(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2):
     body = nets.DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=1)
     # class_layers = relu, pool, flatten, out: keep all but the final linear layer.
     features = body.class_layers.out.in_features
@@ -71,7 +71,7 @@ def densenet121(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dro
 
 
 @register_model("efficientnet-b0", "cnn", description="EfficientNet-B0 (MONAI EfficientNetBN), compound scaling")
-def efficientnet_b0(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2, **_):
+def efficientnet_b0(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2):
     # BatchNorm momentum 0.1 (PyTorch's default), not MONAI's TF-style 0.01: from
     # scratch, MONAI's initialisation shrinks activations ~1e-13 through the blocks
     # unless BatchNorm's running variance has caught up, so with 0.01 a model

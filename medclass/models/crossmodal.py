@@ -149,19 +149,19 @@ class CrossModalClassifier(ClassifierModule):
         return self.head(self.forward_features(x, text=text, tabular=tabular))
 
 
-def _options(kw: dict) -> dict:
-    # Like every builder, ignore overrides meant for other families (e.g. a ViT's slices).
-    names = ("text_dim", "tabular_dim", "buckets", "modality_dropout", "dropout")
-    return {k: kw[k] for k in names if k in kw}
-
-
 @register_model("fusion-resnet18", "crossmodal", input_kind="multimodal",
                 description="ResNet-18 image + hashed-token text + header MLP, concat fusion")
-def fusion_resnet18(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, **kw) -> CrossModalClassifier:
-    return CrossModalClassifier(spatial_dims, in_channels, num_outputs, fusion="concat", **_options(kw))
+def fusion_resnet18(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, text_dim: int = 128,
+                    tabular_dim: int = 64, buckets: int = 2**15, modality_dropout: float = 0.2,
+                    dropout: float = 0.2) -> CrossModalClassifier:
+    return CrossModalClassifier(spatial_dims, in_channels, num_outputs, "concat", text_dim, tabular_dim, buckets,
+                                modality_dropout, dropout)
 
 
 @register_model("fusion-xattn", "crossmodal", input_kind="multimodal",
                 description="ResNet-18 image tokens cross-attending to text and header tokens")
-def fusion_xattn(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, **kw) -> CrossModalClassifier:
-    return CrossModalClassifier(spatial_dims, in_channels, num_outputs, fusion="xattn", **_options(kw))
+def fusion_xattn(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, text_dim: int = 128,
+                 tabular_dim: int = 64, buckets: int = 2**15, modality_dropout: float = 0.2,
+                 dropout: float = 0.2) -> CrossModalClassifier:
+    return CrossModalClassifier(spatial_dims, in_channels, num_outputs, "xattn", text_dim, tabular_dim, buckets,
+                                modality_dropout, dropout)

@@ -12,6 +12,7 @@ scikit-learn's ``fit`` / ``predict_proba``.
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -70,20 +71,13 @@ def register_model(
     return wrap
 
 
-def _load_families() -> None:
-    # Importing the family modules runs their @register_model decorators.
-    from medclass.models import attention, classic, cnn, crossmodal, rnn  # noqa: F401
-
-
 def list_models(family: str | None = None) -> list[str]:
     """Names of the registered models, optionally of one family, sorted."""
-    _load_families()
     return sorted(n for n, i in _REGISTRY.items() if family is None or i.family == family)
 
 
 def model_info(name: str) -> ModelInfo:
     """The :class:`ModelInfo` of ``name``; raises :class:`MedClassError` if unknown."""
-    _load_families()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -117,8 +111,24 @@ def create_model(
         Side of the (square or cubic) input; some models (ViT) need it.
     **overrides
         Passed to the builder (e.g. ``dropout=0.2``).
+
+    Raises
+    ------
+    MedClassError
+        Unknown name, unsupported ``spatial_dims``, or an argument the builder does
+        not take (a misspelt ``--model-arg`` must not be ignored and still land in
+        the model card).
     """
     info = model_info(name)
+    accepted = builder_arguments(name)
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        raise MedClassError(
+            f"model {name} takes no argument {unknown[0]!r}",
+            (f"did you mean {close[0]!r}? " if close else "")
+            + f"its arguments are {', '.join(accepted) or 'none beyond the input shape'}",
+        )
     if spatial_dims not in info.spatial_dims:
         raise MedClassError(
             f"model {name} does not support spatial_dims={spatial_dims}",
@@ -131,6 +141,17 @@ def create_model(
         image_size=image_size,
         **overrides,
     )
+
+
+_SHAPE_ARGS = ("spatial_dims", "in_channels", "num_outputs", "image_size")
+
+
+def builder_arguments(name: str) -> list[str]:
+    """The keyword arguments model ``name`` takes beyond the input shape (e.g. ``dropout``, ``width``)."""
+    params = inspect.signature(model_info(name).builder).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        raise TypeError(f"the builder of {name} takes **kwargs: name its arguments, so that unknown ones are caught")
+    return [p.name for p in params if p.name not in _SHAPE_ARGS and p.kind is not inspect.Parameter.VAR_POSITIONAL]
 
 
 def count_parameters(model: Any) -> int:

@@ -123,12 +123,12 @@ class SequenceRNN(ClassifierModule):
 @register_model("cnn-gru", "rnn", input_kind="sequence",
                 description="2D CNN per slice/frame/view + bidirectional GRU, attention pooling")
 def cnn_gru(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, hidden: int = 128,
-            dropout: float = 0.2, **_) -> SequenceRNN:
+            dropout: float = 0.2) -> SequenceRNN:
     return SequenceRNN(in_channels, num_outputs, "gru", hidden, dropout)
 
 
 @register_model("cnn-lstm", "rnn", input_kind="sequence",
                 description="2D CNN per slice/frame/view + bidirectional LSTM, attention pooling")
 def cnn_lstm(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, hidden: int = 128,
-             dropout: float = 0.2, **_) -> SequenceRNN:
+             dropout: float = 0.2) -> SequenceRNN:
     return SequenceRNN(in_channels, num_outputs, "lstm", hidden, dropout)
