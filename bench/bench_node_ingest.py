@@ -45,7 +45,7 @@ from pathlib import Path
 import pydicom
 from pydicom.data import get_testdata_file
 
-from dicom_node.ingest import default_processes
+from dicom_node.config import default_processes
 from dicom_node.peers import HOST, DcmtkStoreSCP, NodeProcess, PeerProcess, PynetdicomStoreSCP, dcmtk_env
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -100,10 +100,10 @@ def write_instances(folder: Path, n: int, studies: int = 5) -> list[Path]:
 
 def small_checkpoint(folder: Path) -> str:
     """The node needs a model to start; it is never used here (stable_seconds is an hour)."""
-    from medclass.cli import QUICKSTART_DIR
+    from medclass.paths import quickstart_dir
 
-    if (QUICKSTART_DIR / "model.pt").is_file():
-        return str(QUICKSTART_DIR / "model.pt")
+    if (quickstart_dir() / "model.pt").is_file():
+        return str(quickstart_dir() / "model.pt")
     from medclass.training import TrainConfig, train
 
     return train(TrainConfig(data="chest-pneumonia", model="resnet18", image_size=32, epochs=1, device="cpu",

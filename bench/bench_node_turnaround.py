@@ -47,12 +47,12 @@ IMAGES = {"CT 128x128 (CT_small.dcm)": "CT_small.dcm", "CR chest 1955x1841 (RG1_
 
 def checkpoint_for_bench(folder: Path, given: str | None) -> tuple[str, str]:
     """The model: ``--checkpoint``, else the quickstart model, else resnet18 at 64 px on the chest X-rays."""
-    from medclass.cli import QUICKSTART_DIR
+    from medclass.paths import quickstart_dir
 
     if given:
         return given, "given"
-    if (QUICKSTART_DIR / "model.pt").is_file():
-        return str(QUICKSTART_DIR / "model.pt"), "quickstart model"
+    if (quickstart_dir() / "model.pt").is_file():
+        return str(quickstart_dir() / "model.pt"), "quickstart model"
     from medclass.training import TrainConfig, train
 
     res = train(TrainConfig(data="chest-pneumonia", model="resnet18", image_size=64, epochs=1, device="cpu",

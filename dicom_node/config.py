@@ -40,13 +40,15 @@ A ``node.toml`` (every key optional)::
 from __future__ import annotations
 
 import difflib
-import re
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dicom_node.destination import Destination
 from medclass.errors import MedClassError
+from medclass.paths import default_checkpoint
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,35 +65,6 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 _TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
                    dict: "a [table]"}[v] for k, v in _TYPES.items()}
 
-_AE_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
-
-
-@dataclass(frozen=True)
-class Destination:
-    """A DICOM application entity to send to: ``AET@HOST:PORT``."""
-
-    ae_title: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str, what: str = "destination") -> Destination:
-        """Parse ``AET@HOST:PORT``.
-
-        Raises
-        ------
-        MedClassError
-            The text is not of that form.
-        """
-        m = _AE_RE.match(str(text).strip())
-        if not m or not 0 < int(m["port"]) < 65536:
-            raise MedClassError(f"{what} {text!r} is not AET@HOST:PORT", "write it like ORTHANC@127.0.0.1:4242")
-        return cls(m["aet"].strip(), m["host"], int(m["port"]))
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
-
-
 @dataclass
 class NodeConfig:
     """Everything the node needs; see the module docstring for ``node.toml``."""
@@ -104,7 +77,7 @@ class NodeConfig:
     return_to: str | None = None
     stable_seconds: float = 10.0
     metrics_port: int = 0
-    scp_processes: int = 0  # 0: dicom_node.ingest.default_processes()
+    scp_processes: int = 0  # 0: default_processes()
     device: str = "auto"
     batch_size: int = 32
     max_send_attempts: int = 0  # 0: retry forever (the PACS will come back)
@@ -165,9 +138,20 @@ class NodeConfig:
     @property
     def ingest_processes(self) -> int:
         """How many processes accept associations (``scp_processes``, 0 resolved)."""
-        from dicom_node.ingest import default_processes
-
         return int(self.scp_processes) or default_processes()
+
+
+def default_processes() -> int:
+    """How many processes accept associations by default: one per CPU core, at most four.
+
+    More than the cores only adds switching; beyond four the SQLite commits, one
+    writer at a time, are the limit.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
 
 
 _TLS_PATHS = ("cert", "key", "ca", "peer_ca")
@@ -188,14 +172,6 @@ def _check_tls(tls: dict[str, Any]) -> None:
     if not isinstance(tls.get("check_hostname", True), bool):
         raise MedClassError(f"[tls] check_hostname = {tls['check_hostname']!r} should be true or false",
                             "write check_hostname = false only for peers whose certificates name no host")
-
-
-def default_checkpoint() -> str | None:
-    """The quickstart model, when ``medclass quickstart`` has written one."""
-    from medclass.cli import QUICKSTART_DIR
-
-    p = QUICKSTART_DIR / "model.pt"
-    return str(p) if p.is_file() else None
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
@@ -244,5 +220,6 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
                              for k, v in values["tls"].items()}
     values.update({k: v for k, v in overrides.items() if v is not None})
     if not values.get("checkpoint") and not values.get("routes"):
-        values["checkpoint"] = default_checkpoint()
+        found = default_checkpoint()  # the quickstart model, when there is one
+        values["checkpoint"] = str(found) if found else None
     return NodeConfig(**values)

@@ -39,19 +39,6 @@ log = logging.getLogger("dicom_node.ingest")
 _PR_SET_PDEATHSIG = 1
 
 
-def default_processes() -> int:
-    """How many processes accept associations by default: one per CPU core, at most four.
-
-    More than the cores only adds switching; beyond four the SQLite commits, one
-    writer at a time, are the limit.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
-
-
 def _die_with_parent() -> None:
     """Linux: have the kernel kill this process when the node's process ends (even by ``kill -9``)."""
     if not sys.platform.startswith("linux"):

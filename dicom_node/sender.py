@@ -21,7 +21,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
-from dicom_node.config import Destination, NodeConfig
+from dicom_node.config import NodeConfig
+from dicom_node.destination import Destination
 from dicom_node.metrics import NodeMetrics
 from dicom_node.scp import set_tcp_nodelay
 from dicom_node.spool import JobDatabase, Spool

@@ -9,13 +9,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
+from typing import Callable
 
+from medclass import __version__
 from medclass.errors import MedClassError
+from medclass.paths import quickstart_dir
 
-QUICKSTART_DIR = Path(os.environ.get("MEDCLASS_HOME", "runs")) / "quickstart"
+#: Sub-commands that other packages add (``medclass node`` comes from the DICOM node's
+#: package), found through this entry-point group so that the core never imports a front door.
+PLUGIN_GROUP = "medclass.commands"
+
+
+def plugin_command(name: str) -> Callable[[list[str]], int] | None:
+    """The ``main(argv)`` of the sub-command ``name`` registered in :data:`PLUGIN_GROUP`, or ``None``."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name == name:
+            return ep.load()
+    return None
+
+
+_NODE_MISSING = ("the DICOM node is not installed",
+                 "install it with the node extra from the project folder: pip install -e '.[node]' (or make install)")
 
 
 def _cmd_models(a) -> int:
@@ -115,7 +133,9 @@ def _cmd_explain(a) -> int:
     img = clf.read(a.path)
     ex = explain(clf, img, a.target)
     save_overlay(ex, a.out, title=f"{Path(a.path).name} ({clf.loaded.name})")
-    print(f"wrote {a.out} ({ex.method} for class {ex.class_name!r})")
+    print(f"wrote {a.out} ({ex.method} for class {ex.class_name!r}, p = {ex.probability:.3f})")
+    if ex.note:
+        print(ex.note)
     return 0
 
 
@@ -144,18 +164,21 @@ def _cmd_quickstart(a) -> int:
                           batch_size=64, device=a.device, seed=0, progress=not a.quiet)
         m = train(cfg).metrics
     print(format_metrics(m))
+    exe = _command_name()
+    plots = sorted({p.name: p for p in (*out.glob("*.png"), *(out / "evaluation").glob("*.png"))}.values())
+    if plots:
+        print("plots: " + ", ".join(str(p) for p in plots))
     print(f"""
 The model is {ckpt}. Next:
-  medclass predict --checkpoint {ckpt} IMAGE.jpg|.dcm|.nii.gz ...
-  medclass explain --checkpoint {ckpt} IMAGE --out heatmap.png
-  medclass evaluate --checkpoint {ckpt} --data br35h --out {out / 'evaluation'}
-  medclass train --data DIR|manifest.csv|file.npz --model NAME --out runs/mine   (medclass models, medclass datasets)""")
+  {exe} predict --checkpoint {ckpt} IMAGE.jpg|.dcm|.nii.gz ...
+  {exe} explain --checkpoint {ckpt} IMAGE --out heatmap.png
+  {exe} evaluate --checkpoint {ckpt} --data br35h --out {out / 'evaluation'}
+  {exe} train --data DIR|manifest.csv|file.npz --model NAME --out runs/mine   ({exe} models, {exe} datasets)""")
     if a.no_node:
         return 0
-    try:
-        from dicom_node.cli import main as node_main
-    except ImportError as e:  # the node is an extra
-        print(f"\nThe DICOM node is not installed ({e}); pip install 'slicer-medclass[node]' to run it.")
+    node_main = plugin_command("node")
+    if node_main is None:  # the node is an extra
+        print(f"\nThe DICOM node is not installed; {_NODE_MISSING[1]}.")
         return 0
     port = a.node_port
     print(f"""
@@ -170,9 +193,25 @@ For the SR to come back, run the node with --return-to ORTHANC@<pacs address>:42
     return node_main(["--checkpoint", str(ckpt), "--port", str(port)])
 
 
-def _cmd_node(a) -> int:
-    from dicom_node.cli import main as node_main
+def _command_name() -> str:
+    """How the user can type this command: ``medclass`` when it is on PATH, else its path (e.g. ``.venv/bin/medclass``)."""
+    import os
+    import shutil
 
+    found = shutil.which("medclass")
+    if found and Path(found).resolve().parent == Path(sys.executable).resolve().parent:
+        return "medclass"
+    exe = Path(sys.executable).parent / "medclass"
+    try:
+        return os.path.relpath(exe)
+    except ValueError:  # another drive (Windows)
+        return str(exe)
+
+
+def _cmd_node(a) -> int:
+    node_main = plugin_command("node")
+    if node_main is None:
+        raise MedClassError(*_NODE_MISSING)
     return node_main(a.node_args)
 
 
@@ -229,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medclass", description="Medical image classification: train, evaluate, "
                                 "predict, explain and export the shared model zoo.")
     p.add_argument("-v", "--verbose", action="store_true", help="log more (and show tracebacks)")
+    p.add_argument("--version", action="version", version=f"medclass {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("models", help="list the registered models")
@@ -301,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("quickstart", help="train (once) and evaluate the default model on Br35H, then start the "
                        "DICOM node with it")
-    s.add_argument("--out", default=str(QUICKSTART_DIR))
+    s.add_argument("--out", default=str(quickstart_dir()), help="default: $MEDCLASS_HOME/quickstart (runs/quickstart)")
     s.add_argument("--epochs", type=int, default=4)
     s.add_argument("--device", default="auto")
     s.add_argument("--retrain", action="store_true")

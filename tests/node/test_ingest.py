@@ -18,8 +18,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicom_node.config import NodeConfig
-from dicom_node.ingest import default_processes
+from dicom_node.config import NodeConfig, default_processes
 from dicom_node.reactor import AVAILABLE, EventAssociation
 from medclass.errors import MedClassError
 

@@ -4,8 +4,8 @@
 ``models``                registry names, comma separated (default ``resnet18``;
                           ``medclass models`` lists them)
 ``checkpoint``            a ``model.pt`` to serve until the first training run
-                          (default: the quickstart model, ``runs/quickstart/model.pt``,
-                          when it exists)
+                          (default: the quickstart model, ``$MEDCLASS_HOME/quickstart/model.pt``,
+                          ``MEDCLASS_HOME`` defaulting to ``runs``, when it exists)
 ``classes`` / ``task``    class names (comma separated) and task type, for a
                           project without a checkpoint yet
 ``model_dir``             where published checkpoints live (default ``<app>/model``)
@@ -30,10 +30,10 @@ from medclass.checkpoint import read_card
 from medclass.errors import MedClassError
 from medclass.labeling import PublishedModel
 from medclass.models import model_info
+from medclass.paths import default_checkpoint
 from medclass.tasks import Task
 
 DEFAULT_MODEL = "resnet18"
-QUICKSTART_CHECKPOINT = Path("runs") / "quickstart" / "model.pt"
 
 
 @dataclass
@@ -108,8 +108,8 @@ def load_config(app_dir: str, conf: dict[str, str]) -> AppConfig:
     seed = Path(conf["checkpoint"]) if conf.get("checkpoint") else None
     if seed is not None and not seed.is_file():
         raise MedClassError(f"--conf checkpoint {seed}: no such file", "pass a model.pt written by 'medclass train'")
-    if seed is None and QUICKSTART_CHECKPOINT.is_file():
-        seed = QUICKSTART_CHECKPOINT
+    if seed is None:
+        seed = default_checkpoint()  # the quickstart model ($MEDCLASS_HOME), as the CLI and the node find it
     seed_card = read_card(seed) if seed else None
     for n in names:
         published = PublishedModel(cfg.model_dir / n / "model.pt", cfg.device)
