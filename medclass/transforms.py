@@ -1,4 +1,4 @@
-"""Preprocessing (seed §2.3) as MONAI transforms, each with a dictionary twin.
+"""Preprocessing (read, denoise, enhance, resize, normalise) as MONAI transforms, each with a dictionary twin.
 
 Array transforms take channel-first numpy arrays or torch tensors, ``(C, H, W)``
 or ``(C, D, H, W)``, and return the same kind; each ``...d`` twin only iterates
