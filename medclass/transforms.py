@@ -33,9 +33,14 @@ from monai.transforms import (
     CropForeground,
     EnsureType,
     EnsureTyped,
+    GaussianSmooth,
+    HistogramNormalize,
     MapTransform,
+    MedianSmooth,
     NormalizeIntensity,
     NormalizeIntensityd,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
     Transform,
 )
 from monai.utils import convert_to_dst_type, convert_to_numpy
@@ -79,6 +84,21 @@ def _numpy(img: Array) -> np.ndarray:
 
 def _like(out: np.ndarray, img: Array) -> Array:
     return convert_to_dst_type(out, img, dtype=out.dtype)[0]
+
+
+def _as_input(out: Array, img: Array) -> Array:
+    """MONAI's result in the input's own type: numpy for numpy, a plain tensor for a tensor.
+
+    MONAI's array transforms return a MetaTensor whatever they are given; the medclass
+    pipeline keeps numpy in, numpy out (and plain tensors, which pickle and stack as such).
+    """
+    if isinstance(out, torch.Tensor):
+        out = out.as_subclass(torch.Tensor) if not isinstance(img, np.ndarray) else out.detach().cpu().numpy()
+    return convert_to_dst_type(out, img, dtype=out.dtype)[0]
+
+
+def _constant(img: Array) -> bool:
+    return not bool(img.max() > img.min())
 
 
 def _scale01(a: np.ndarray) -> np.ndarray:
@@ -156,10 +176,11 @@ class Window(Transform):
         if not width > 0:
             raise SpecError(f"window width must be > 0, not {width}", "give [center, width] with width > 0")
         self.center, self.width = float(center), float(width)
+        lo = self.center - self.width / 2
+        self.scale = ScaleIntensityRange(a_min=lo, a_max=lo + self.width, b_min=0.0, b_max=1.0, clip=True)
 
     def __call__(self, img: Array) -> Array:
-        out = (img - (self.center - self.width / 2)) / self.width
-        return out.clamp(0, 1) if isinstance(out, torch.Tensor) else np.clip(out, 0, 1)
+        return _as_input(self.scale(img), img)
 
 
 class ScaleIntensityPercentiles(Transform):
@@ -178,22 +199,13 @@ class ScaleIntensityPercentiles(Transform):
 
     def __init__(self, lower: float = PERCENTILES[0], upper: float = PERCENTILES[1], clip: bool = True) -> None:
         self.lower, self.upper, self.clip = lower, upper, clip
+        # MONAI's percentile() takes numpy's path for tensors over 1 M elements (torch.quantile's limit).
+        self.scale = ScaleIntensityRangePercentiles(lower, upper, b_min=0.0, b_max=1.0, clip=clip)
 
     def __call__(self, img: Array) -> Array:
-        if isinstance(img, torch.Tensor):
-            flat = img.reshape(-1).float()
-            if flat.numel() > 2**24:  # torch.quantile's input limit: a strided sample is as good
-                flat = flat[:: flat.numel() // 2**24 + 1]
-            q = torch.tensor([self.lower / 100, self.upper / 100], device=flat.device)
-            lo, hi = torch.quantile(flat, q).tolist()
-        else:
-            lo, hi = (float(v) for v in np.percentile(img, [self.lower, self.upper]))
-        if not hi > lo:
+        if _constant(img):  # MONAI would warn of a division by zero; a flat image carries no contrast
             return img * 0
-        out = (img - lo) / (hi - lo)
-        if self.clip:
-            out = out.clamp(0, 1) if isinstance(out, torch.Tensor) else np.clip(out, 0, 1)
-        return out
+        return _as_input(self.scale(img), img)
 
 
 class _AboveFraction:
@@ -274,13 +286,13 @@ class ResizeTo(Transform):
 
 
 class Denoise(Transform):
-    """Median or Gaussian filtering of each channel (scipy.ndimage).
+    """Median or Gaussian filtering of each channel (MONAI's ``MedianSmooth`` / ``GaussianSmooth``).
 
     Parameters
     ----------
     method : {"median", "gaussian"}
     size : int, default 3
-        Median window, in pixels along every spatial axis.
+        Median window, in pixels along every spatial axis (odd: ``MedianSmooth`` takes a radius).
     sigma : float, default 1.0
         Gaussian standard deviation, in pixels.
     """
@@ -288,38 +300,32 @@ class Denoise(Transform):
     def __init__(self, method: str = "median", size: int = 3, sigma: float = 1.0) -> None:
         if method not in ("median", "gaussian"):
             raise SpecError(f"unknown denoise method {method!r}", "use 'median' or 'gaussian'")
+        if method == "median" and (size < 1 or size % 2 == 0):
+            raise SpecError(f"median window {size} must be odd", "use 3, 5, 7, ...")
         self.method, self.size, self.sigma = method, size, sigma
+        self.smooth = MedianSmooth(radius=size // 2) if method == "median" else GaussianSmooth(sigma=sigma)
 
     def __call__(self, img: Array) -> Array:
-        from scipy import ndimage
-
-        a = _numpy(img)
-        nd = a.ndim - 1
-        # A zero-width kernel along the channel axis filters each channel alone.
-        if self.method == "median":
-            out = ndimage.median_filter(a, size=(1,) + (self.size,) * nd)
-        else:
-            out = ndimage.gaussian_filter(a, sigma=(0,) + (self.sigma,) * nd)
-        return _like(out, img)
+        # Each channel alone: both MONAI transforms filter the spatial axes channel by channel.
+        return _as_input(self.smooth(img), img)
 
 
 class HistogramEqualize(Transform):
-    """Global histogram equalisation of each channel, to [0, 1] (skimage.exposure)."""
+    """Global histogram equalisation of each channel, to [0, 1] (MONAI's ``HistogramNormalize``)."""
 
     def __init__(self, nbins: int = 256) -> None:
         self.nbins = nbins
+        self.equalize = HistogramNormalize(num_bins=nbins, min=0, max=1)
 
     def __call__(self, img: Array) -> Array:
-        from skimage import exposure
-
-        a = _numpy(img)
-        out = np.stack([exposure.equalize_hist(c, nbins=self.nbins) if c.max() > c.min() else np.zeros_like(c)
-                        for c in a])
-        return _like(out.astype(np.float32), img)
+        out = [self.equalize(c[None])[0] if not _constant(c) else c * 0 for c in img]
+        return _as_input(torch.stack([torch.as_tensor(o) for o in out]), img)
 
 
 class CLAHE(Transform):
     """Contrast-limited adaptive histogram equalisation of each channel, to [0, 1].
+
+    skimage's, since MONAI has no CLAHE.
 
     Parameters
     ----------
@@ -342,13 +348,9 @@ class CLAHE(Transform):
 
 
 class _Twin(MapTransform):
-    """Applies ``array_class(*args, **kwargs)`` to each key."""
+    """Applies ``self.transform`` (an array transform built by the subclass) to each key."""
 
-    array_class: type[Transform]
-
-    def __init__(self, keys: KeysCollection, *args: Any, allow_missing_keys: bool = False, **kwargs: Any) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.transform = self.array_class(*args, **kwargs)
+    transform: Transform
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -360,55 +362,76 @@ class _Twin(MapTransform):
 class SelectSpatialDimsd(_Twin):
     """Dictionary twin of :class:`SelectSpatialDims`."""
 
-    array_class = SelectSpatialDims
+    def __init__(self, keys: KeysCollection, spatial_dims: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = SelectSpatialDims(spatial_dims)
 
 
 class EnsureChannelsd(_Twin):
     """Dictionary twin of :class:`EnsureChannels`."""
 
-    array_class = EnsureChannels
+    def __init__(self, keys: KeysCollection, n: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = EnsureChannels(n)
 
 
 class Windowd(_Twin):
     """Dictionary twin of :class:`Window`."""
 
-    array_class = Window
+    def __init__(self, keys: KeysCollection, center: float, width: float, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = Window(center, width)
 
 
 class CropForegroundROId(_Twin):
     """Dictionary twin of :class:`CropForegroundROI`."""
 
-    array_class = CropForegroundROI
+    def __init__(self, keys: KeysCollection, margin: int = 0, threshold: float = 0.05,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = CropForegroundROI(margin, threshold)
 
 
 class ResizeTod(_Twin):
     """Dictionary twin of :class:`ResizeTo`."""
 
-    array_class = ResizeTo
+    def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = ResizeTo(spatial_size)
 
 
 class Denoised(_Twin):
     """Dictionary twin of :class:`Denoise`."""
 
-    array_class = Denoise
+    def __init__(self, keys: KeysCollection, method: str = "median", size: int = 3, sigma: float = 1.0,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = Denoise(method, size, sigma)
 
 
 class ScaleIntensityPercentilesd(_Twin):
     """Dictionary twin of :class:`ScaleIntensityPercentiles`."""
 
-    array_class = ScaleIntensityPercentiles
+    def __init__(self, keys: KeysCollection, lower: float = PERCENTILES[0], upper: float = PERCENTILES[1],
+                 clip: bool = True, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = ScaleIntensityPercentiles(lower, upper, clip)
 
 
 class HistogramEqualized(_Twin):
     """Dictionary twin of :class:`HistogramEqualize`."""
 
-    array_class = HistogramEqualize
+    def __init__(self, keys: KeysCollection, nbins: int = 256, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = HistogramEqualize(nbins)
 
 
 class CLAHEd(_Twin):
     """Dictionary twin of :class:`CLAHE`."""
 
-    array_class = CLAHE
+    def __init__(self, keys: KeysCollection, clip_limit: float = 0.01, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transform = CLAHE(clip_limit)
 
 
 # --------------------------------------------------------------------------- the pipeline
