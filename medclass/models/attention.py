@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from monai.networks import nets
+from monai.networks.layers.factories import Conv, Norm, Pool
+from monai.networks.nets.resnet import ResNetBlock
 from torch import nn
 
 from medclass.errors import MedClassError
@@ -40,10 +42,6 @@ def seresnet50(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, drop
 # --------------------------------------------------------------------------- CBAM ResNet-18
 
 
-def _layers(spatial_dims: int):
-    return {2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}[spatial_dims]
-
-
 class CBAM(nn.Module):
     """Convolutional block attention (Woo et al. 2018): channel, then spatial attention.
 
@@ -59,7 +57,7 @@ class CBAM(nn.Module):
 
     def __init__(self, channels: int, spatial_dims: int = 2, reduction: int = 16):
         super().__init__()
-        conv, _ = _layers(spatial_dims)
+        conv = Conv[Conv.CONV, spatial_dims]
         hidden = max(channels // reduction, 4)
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels))
         self.spatial = conv(2, 1, 7, padding=3, bias=False)
@@ -72,24 +70,16 @@ class CBAM(nn.Module):
         return x * torch.sigmoid(self.spatial(pooled))
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block (two 3x3 convolutions with a shortcut), 2D or 3D."""
+def basic_block(cin: int, cout: int, stride: int, spatial_dims: int) -> ResNetBlock:
+    """MONAI's ResNet basic block (two 3x3 convolutions with a shortcut), 2D or 3D.
 
-    def __init__(self, cin: int, cout: int, stride: int, spatial_dims: int):
-        super().__init__()
-        conv, norm = _layers(spatial_dims)
-        self.conv1 = conv(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = norm(cout)
-        self.conv2 = conv(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = norm(cout)
-        self.shortcut = (
-            nn.Sequential(conv(cin, cout, 1, stride=stride, bias=False), norm(cout))
-            if stride != 1 or cin != cout else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+    A non-inplace ReLU: Grad-CAM's backward hooks refuse outputs modified in place.
+    """
+    conv, norm = Conv[Conv.CONV, spatial_dims], Norm[Norm.BATCH, spatial_dims]
+    down = (nn.Sequential(conv(cin, cout, 1, stride=stride, bias=False), norm(cout))
+            if stride != 1 or cin != cout else None)
+    return ResNetBlock(cin, cout, spatial_dims=spatial_dims, stride=stride, downsample=down,
+                       act=("relu", {"inplace": False}))
 
 
 class CBAMResNet(ClassifierModule):
@@ -110,7 +100,7 @@ class CBAMResNet(ClassifierModule):
     def __init__(self, spatial_dims: int, in_channels: int, num_outputs: int, width: int = 32,
                  dropout: float = 0.2):
         super().__init__()
-        conv, norm = _layers(spatial_dims)
+        conv, norm = Conv[Conv.CONV, spatial_dims], Norm[Norm.BATCH, spatial_dims]
         # A strided 3x3 stem instead of 7x7 + max-pool: at 64 px the original stem
         # would leave a 2 x 2 map for layer4.
         self.stem = nn.Sequential(conv(in_channels, width, 3, stride=2, padding=1, bias=False), norm(width),
@@ -120,13 +110,13 @@ class CBAMResNet(ClassifierModule):
         for i in range(4):
             cout = width * 2**i
             stride = 1 if i == 0 else 2
-            stages.append(nn.Sequential(BasicBlock(cin, cout, stride, spatial_dims),
-                                        BasicBlock(cout, cout, 1, spatial_dims), CBAM(cout, spatial_dims)))
+            stages.append(nn.Sequential(basic_block(cin, cout, stride, spatial_dims),
+                                        basic_block(cout, cout, 1, spatial_dims), CBAM(cout, spatial_dims)))
             cin = cout
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(cin, num_outputs)
-        self.pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
+        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
         self.cam_layer = "layer4"
 
     def forward_features(self, x, **extra):
