@@ -378,16 +378,23 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def plot_roc(
-    task_type: str, y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: str | Path
+    task_type: str, y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: str | Path,
+    threshold: float = 0.5, n_boot: int = 200, seed: int = 0,
 ) -> Path:
     """Plot ROC curves (one per class or label; binary: the positive class) to a PNG.
 
+    Each curve has its 95 % bootstrap band (sensitivity at each 1 - specificity,
+    ``n_boot`` resamples of the images) and, for binary and multi-label tasks, a dot
+    at the operating point the decision ``threshold`` gives.
+
     Parameters
     ----------
-    task_type, y_true, probs, class_names
+    task_type, y_true, probs, class_names, threshold
         As for :func:`compute_metrics`.
     path : str or Path
         Output PNG file.
+    n_boot, seed : int
+        Bootstrap resamples for the band (0: no band) and their seed.
 
     Returns
     -------
@@ -400,6 +407,7 @@ def plot_roc(
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     cols = [1] if task_type == "binary" else range(p.shape[1])
+    grid = np.linspace(0, 1, 101)
     for c in cols:
         truth = y[:, c] if task_type == "multilabel" else (y == c)
         auc = _num(_weighted_auc(truth, p[:, c], np.ones((1, len(truth))))[0])
@@ -407,11 +415,40 @@ def plot_roc(
             ax.plot([], [], label=f"{class_names[c]} (AUC undefined)")
             continue
         fpr, tpr, _ = roc_curve(truth.astype(int), p[:, c])
-        ax.plot(fpr, tpr, lw=1.5, label=f"{class_names[c]} (AUC {auc:.3f})")
+        (line,) = ax.plot(fpr, tpr, lw=1.5, label=f"{class_names[c]} (AUC {auc:.3f})")
+        band = _roc_band(truth.astype(int), p[:, c], grid, n_boot, seed)
+        if band is not None:
+            ax.fill_between(grid, band[0], band[1], color=line.get_color(), alpha=0.15, lw=0)
+        if task_type in ("binary", "multilabel"):
+            pos, pred = truth.astype(bool), p[:, c] >= threshold
+            sens, spec = pred[pos].mean(), (~pred[~pos]).mean()
+            ax.plot([1 - spec], [sens], "o", color=line.get_color(), ms=6, mec="black",
+                    label=f"threshold {threshold:g}: sens {sens:.2f}, spec {spec:.2f}")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="chance")
-    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity", title="ROC")
+    title = "ROC (shaded: 95 % bootstrap band)" if n_boot else "ROC"
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity", title=title)
     ax.legend(loc="lower right", fontsize="small")
     return _save(fig, path)
+
+
+def _roc_band(truth: np.ndarray, score: np.ndarray, grid: np.ndarray, n_boot: int,
+              seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """2.5th and 97.5th percentiles of the bootstrap ROC's sensitivity on ``grid`` (1 - specificity)."""
+    from sklearn.metrics import roc_curve
+
+    if n_boot <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    curves = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(truth), len(truth))
+        if truth[i].min() == truth[i].max():  # a resample with one class has no ROC
+            continue
+        fpr, tpr, _ = roc_curve(truth[i], score[i])
+        curves.append(np.interp(grid, fpr, tpr))
+    if len(curves) < 10:
+        return None
+    return np.percentile(curves, 2.5, axis=0), np.percentile(curves, 97.5, axis=0)
 
 
 def plot_confusion(
@@ -468,7 +505,7 @@ def plot_reliability(
     path: str | Path,
     threshold: float = 0.5,
 ) -> Path:
-    """Plot a reliability diagram (accuracy per confidence bin) with the ECE to a PNG.
+    """Plot a reliability diagram (accuracy per confidence bin, with its count) and the ECE to a PNG.
 
     Parameters
     ----------
@@ -493,6 +530,10 @@ def plot_reliability(
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(centres, np.nan_to_num(acc), width=width, edgecolor="black", alpha=0.8, label="accuracy")
+    # How many predictions each bin holds (at the foot of its bar): a bar of 3 images says little.
+    for x, n in zip(centres, count):
+        if n:
+            ax.text(x, 0.02, f"n={n}", ha="center", va="bottom", fontsize=6, rotation=90)
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.set(
         xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"Reliability (ECE {ece:.3f})"
@@ -534,7 +575,7 @@ def evaluation_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     report = compute_metrics(task_type, y_true, probs, class_names, threshold)
     report["ci"] = bootstrap_ci(task_type, y_true, probs, class_names, n_boot, seed, threshold=threshold)
-    plot_roc(task_type, y_true, probs, class_names, out_dir / "roc.png")
+    plot_roc(task_type, y_true, probs, class_names, out_dir / "roc.png", threshold, seed=seed)
     plot_confusion(task_type, y_true, probs, class_names, out_dir / "confusion_matrix.png", threshold)
     plot_reliability(task_type, y_true, probs, class_names, out_dir / "reliability.png", threshold)
     report["plots"] = {
