@@ -13,6 +13,8 @@ import subprocess
 
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
 
 from dicom_node.cli import main as node_main
 from dicom_node.jobs import (
@@ -129,6 +131,23 @@ def test_a_node_db_of_the_previous_layout_is_migrated_in_place(tmp_path):
     assert db.state("1.2.3") is StudyState.RECEIVING
     db.close()
     assert JobDatabase(tmp_path / "node.db").migrate() == SCHEMA_VERSION  # a second open changes nothing
+
+
+def test_a_node_upgraded_in_place_starts_and_serves(node_factory, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    c = sqlite3.connect(data / "node.db")
+    c.executescript(_VERSION_0)
+    c.close()
+    node = node_factory(data_dir=str(data))
+    assert node.db.state("1.2.3") is StudyState.CLASSIFIED
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate(HOST, node.port, ae_title="MEDCLASS")
+    assert assoc.is_established and assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    wait_until(lambda: study_state(node, str(ds.StudyInstanceUID)) == "classified", 60, what="a new study classified")
 
 
 def test_a_failure_is_one_line_with_a_remedy():
@@ -279,8 +298,6 @@ def test_a_peer_down_for_longer_than_give_up_after_hours_goes_dead(node_factory,
     node = node_factory(return_to=f"PACS@{HOST}:{free_port()}", give_up_after_hours=2.0 / 3600)
     study = copy_study(ct_study[:1], tmp_path / "study")
     uid = str(pydicom.dcmread(study[0], stop_before_pixels=True).StudyInstanceUID)
-    from pynetdicom import AE
-
     ds = pydicom.dcmread(study[0])
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
