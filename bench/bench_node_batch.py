@@ -34,8 +34,9 @@ import torch
 from pydicom.data import get_testdata_file
 
 from dicom_node.config import NodeConfig
+from dicom_node.jobs import JobDatabase
 from dicom_node.metrics import NodeMetrics
-from dicom_node.spool import JobDatabase, Spool
+from dicom_node.spool import Spool
 from dicom_node.worker import InferenceWorker
 from medclass.inference import forward_probabilities
 from medclass.io import read_dicom_dataset
@@ -63,7 +64,7 @@ def spool_study(spool: Spool, n: int) -> tuple[str, list[Path]]:
 
 def batched_path(worker: InferenceWorker, db: JobDatabase, study: str) -> float:
     """Seconds for the worker to classify the study (it must end ``classified``)."""
-    db.execute("UPDATE studies SET state='ready', stable=? WHERE study_uid=?", (time.time(), study))
+    assert study in db.mark_stable(cutoff=time.time(), now=time.time())
     if worker.config.device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()

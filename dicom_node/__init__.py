@@ -4,13 +4,14 @@
 instance meets them:
 
 - :mod:`dicom_node.scp` — C-ECHO and C-STORE service class provider (pynetdicom);
-- :mod:`dicom_node.spool` — durable instance store and the node's SQLite job database;
+- :mod:`dicom_node.spool` — durable instance store (the spool and quarantine files);
+- :mod:`dicom_node.jobs` — the SQLite job database: study states and their transitions, the outbox;
 - :mod:`dicom_node.assembler` — a study is complete when nothing arrived for ``stable_seconds``;
 - :mod:`dicom_node.selector` — series selection rules pick the model(s);
 - :mod:`dicom_node.worker` — batched inference off the association threads;
-- :mod:`dicom_node.sender` — C-STORE of the SR and forwarded studies, with retries;
+- :mod:`dicom_node.sender` — C-STORE of the SR and forwarded studies, with retries and a dead letter;
 - :mod:`dicom_node.router` — triage rules (``malignant >= 0.8`` → forward to ``URGENT``);
-- :mod:`dicom_node.status` and :mod:`dicom_node.metrics` — what the administrator sees;
+- :mod:`dicom_node.status` and :mod:`dicom_node.metrics` — what the administrator sees (and ``node resend``);
 - :mod:`dicom_node.tls` — the TLS contexts from ``[tls]`` (incoming and the node's own sends);
 - :mod:`dicom_node.peers` — real peers (Orthanc, dcmtk and pynetdicom storescp, the node itself)
   in subprocesses on loopback, for the tests and benchmarks.

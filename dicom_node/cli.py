@@ -1,4 +1,4 @@
-"""``medclass node`` (run the node) and ``medclass node status``.
+"""``medclass node`` (run the node), ``medclass node status`` and ``medclass node resend``.
 
 ``main(argv)`` so that tests pass argument lists; ``medclass.cli`` delegates here.
 """
@@ -17,7 +17,7 @@ from medclass.errors import MedClassError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medclass node", description="DICOM triage node: receive studies by C-STORE, "
                                 "classify them, send a coded SR back, forward by result. 'medclass node status' "
-                                "shows recent studies.")
+                                "shows recent studies; 'medclass node resend' queues a given-up report again.")
     p.add_argument("--config", help="node.toml (flags override it)")
     p.add_argument("--ae-title")
     p.add_argument("--port", type=int)
@@ -47,6 +47,30 @@ def status_main(argv: list[str]) -> int:
     cfg = load_config(a.config, data_dir=a.data_dir)
     rows = study_rows(cfg.data_dir, a.limit)
     print(json.dumps(rows, indent=2) if a.json else format_table(rows))
+    return 0
+
+
+def resend_main(argv: list[str]) -> int:
+    from dicom_node.config import load_config
+    from dicom_node.status import resend
+
+    p = argparse.ArgumentParser(prog="medclass node resend",
+                                description="queue a study's given-up (dead) reports and forwards again, and classify "
+                                            "it again if it failed or was skipped; works while the node runs or not")
+    p.add_argument("--config")
+    p.add_argument("--data-dir")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("study_uid", nargs="?", help="the Study Instance UID, as 'medclass node status' shows it")
+    which.add_argument("--all-dead", action="store_true", help="every dead item of every study")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, data_dir=a.data_dir)
+    items, studies = resend(cfg.data_dir, None if a.all_dead else a.study_uid)
+    if not items and not studies:
+        print(f"nothing to resend{'' if a.all_dead else ' for study ' + a.study_uid}: no dead item"
+              f"{'' if a.all_dead else ', and the study is not failed or skipped'}")
+        return 1
+    print(f"queued again: {items} report(s) or forward(s)" + (f", {studies} study to classify" if studies else "")
+          + "; a running node sends them within seconds, a stopped one when it starts")
     return 0
 
 
@@ -88,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "status":
             return status_main(argv[1:])
+        if argv and argv[0] == "resend":
+            return resend_main(argv[1:])
         return run_main(argv)
     except MedClassError as e:
         print(f"medclass node: error: {e}", file=sys.stderr)

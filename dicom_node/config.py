@@ -59,6 +59,7 @@ _NUMBER = (int, float)
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "ae_title": str, "port": int, "bind": str, "data_dir": str, "checkpoint": str, "return_to": str,
     "stable_seconds": _NUMBER, "metrics_port": int, "scp_processes": int, "device": str, "batch_size": int, "max_send_attempts": int,
+    "give_up_after_hours": _NUMBER,
     "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
     "tls": dict,
 }
@@ -80,7 +81,8 @@ class NodeConfig:
     scp_processes: int = 0  # 0: default_processes()
     device: str = "auto"
     batch_size: int = 32
-    max_send_attempts: int = 0  # 0: retry forever (the PACS will come back)
+    max_send_attempts: int = 0  # 0: no limit on attempts (give_up_after_hours still bounds them)
+    give_up_after_hours: float = 24.0  # a send failing this long goes to the dead letter; 0: never
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 300.0
     allow: list[dict[str, str]] = field(default_factory=list)

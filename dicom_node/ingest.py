@@ -85,8 +85,9 @@ def _helper_main(config: NodeConfig, port: int, conn: Connection, log_level: int
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s")
     if log_level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    from dicom_node.jobs import JobDatabase
     from dicom_node.scp import StorageSCP
-    from dicom_node.spool import JobDatabase, Spool
+    from dicom_node.spool import Spool
 
     try:
         db = JobDatabase(config.data_path / "node.db")

@@ -10,10 +10,11 @@ from typing import Callable
 from dicom_node.assembler import StudyAssembler
 from dicom_node.config import NodeConfig
 from dicom_node.ingest import IngestHelpers
+from dicom_node.jobs import JobDatabase
 from dicom_node.metrics import NodeMetrics
 from dicom_node.scp import StorageSCP
 from dicom_node.sender import OutboxSender
-from dicom_node.spool import JobDatabase, Spool
+from dicom_node.spool import Spool
 from dicom_node.tls import client_context
 from dicom_node.worker import InferenceWorker
 from medclass.checkpoint import read_card

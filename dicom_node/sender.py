@@ -1,12 +1,29 @@
 """Delivery: C-STORE the reports back to the PACS and forward studies, with retries.
 
-The queue is the ``outbox`` table, so it survives restarts. A failed attempt is
-retried with exponential backoff (``retry_base_seconds`` doubling up to
-``retry_max_seconds``) until it succeeds; nothing is dropped unless
-``max_send_attempts`` is set. Delivery is at-least-once on the wire and exactly
-once at the PACS: a row is marked ``sent`` after the peer's success status, and a
-resend after a crash in between carries the same SOP Instance UID, which a PACS
-stores once.
+The queue is the ``outbox`` table of the job database (:mod:`dicom_node.jobs`), so it
+survives restarts; urgent items (``[[forward]] priority = "high"``) go first. Delivery is
+at-least-once on the wire and exactly once at the PACS: an item is marked ``sent`` after
+the peer's success status, and a resend after a crash in between carries the same SOP
+Instance UID, which a PACS stores once.
+
+Transient and permanent failures:
+
+- *Transient*, retried with exponential backoff (``retry_base_seconds`` doubling up to
+  ``retry_max_seconds``): the peer refuses or does not answer the association (down,
+  restarting, TLS handshake), the connection drops or times out before a C-STORE
+  response, or any local error other than a missing file.
+- *Permanent*, dead at once: the peer accepted the association and answered a C-STORE
+  with a failure status (0xA7xx, 0xA9xx, 0xCxxx, 0x01xx, 0x02xx: out of resources, data
+  set does not match the SOP class, cannot understand, refused...). The same bytes to the
+  same peer get the same answer; retrying only fills its log. Also dead at once: the
+  outbox file is gone, or the peer accepts neither the object's SOP class nor an
+  uncompressed syntax for it.
+- A transient failure gives up too, after ``give_up_after_hours`` (default 24) of
+  failing, or after ``max_send_attempts`` attempts when that is set.
+
+A given-up item is the dead letter: state ``dead`` with its reason, shown by ``medclass
+node status``; ``medclass node resend STUDY_UID`` (or ``--all-dead``) queues it again,
+whether the node runs (its sender picks it up at the next poll) or not.
 """
 
 from __future__ import annotations
@@ -20,19 +37,38 @@ import pydicom
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from dicom_node.config import NodeConfig
 from dicom_node.destination import Destination
+from dicom_node.jobs import JobDatabase, OutboxState, Priority
 from dicom_node.metrics import NodeMetrics
 from dicom_node.scp import set_tcp_nodelay
-from dicom_node.spool import JobDatabase, Spool
+from dicom_node.spool import Spool
 from dicom_node.tls import sends_tls
 
 log = logging.getLogger("dicom_node.sender")
 
 
 class SendError(Exception):
-    """A delivery attempt failed; the message says why (retried later)."""
+    """A delivery attempt failed; the message says why.
+
+    Parameters
+    ----------
+    message : str
+    transient : bool
+        Whether trying again later may succeed (see the module docstring); a permanent
+        failure puts the item in the dead letter at once.
+    """
+
+    def __init__(self, message: str, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+#: What to do about a dead item, in ``node status`` and the log.
+DEAD_REMEDY = ("fix the cause (the peer's log says why it refused), then 'medclass node resend {study}' "
+               "queues it again")
 
 
 class OutboxSender:
@@ -58,12 +94,10 @@ class OutboxSender:
         self.ssl_context = ssl_context
 
     def due(self, now: float | None = None) -> list[dict[str, Any]]:
+        """The pending items due now, urgent first."""
         now = time.time() if now is None else now
-        rows = self.db.query("SELECT * FROM outbox WHERE state='pending' AND next_attempt <= ? "
-                             "ORDER BY CASE priority WHEN 1 THEN 0 WHEN 0 THEN 1 ELSE 2 END, id LIMIT 20", (now,))
-        pending = self.db.query("SELECT COUNT(*) AS n FROM outbox WHERE state='pending'")[0]["n"]
-        self.metrics.outbox_pending.set(pending)
-        return [dict(r) for r in rows]
+        self.metrics.outbox_pending.set(self.db.outbox_count(OutboxState.PENDING))
+        return self.db.due(now)
 
     def run_once(self) -> int:
         """Attempt every due item once; return how many were delivered."""
@@ -72,35 +106,50 @@ class OutboxSender:
             try:
                 self.deliver(item)
             except SendError as e:
-                self._failed(item, str(e))
+                self._failed(item, str(e), e.transient)
                 continue
-            except Exception as e:  # anything else (a file gone, a pynetdicom error): retried, logged
-                self._failed(item, f"{type(e).__name__}: {e}")
+            except FileNotFoundError as e:  # the outbox file or a spooled instance is gone: it will not return
+                self._failed(item, f"a file to send is gone ({e.filename})", transient=False)
+                continue
+            except Exception as e:  # anything else (a pynetdicom error): retried, logged
+                self._failed(item, f"{type(e).__name__}: {e}", transient=True)
                 continue
             now = time.time()
             # Counted first: a row marked sent is always in the metrics already (it was delivered either way).
             self.metrics.sent.labels(item["kind"]).inc()
-            self.db.execute("UPDATE outbox SET state='sent', sent=?, last_error=NULL, attempts=attempts+1 "
-                            "WHERE id=?", (now, item["id"]))
+            self.db.mark_sent(item["id"], now)
             if item["kind"] == "sr":
-                stable = self.db.query("SELECT stable FROM studies WHERE study_uid=?", (item["study_uid"],))
-                if stable and stable[0]["stable"]:
-                    self.metrics.turnaround_seconds.observe(max(0.0, now - stable[0]["stable"]))
+                study = self.db.study(item["study_uid"])
+                if study and study["stable"]:
+                    self.metrics.turnaround_seconds.observe(max(0.0, now - study["stable"]))
             log.info("%s of study %s delivered to %s", "SR" if item["kind"] == "sr" else "study",
                      item["study_uid"], item["destination"])
             delivered += 1
         return delivered
 
-    def _failed(self, item: dict[str, Any], error: str) -> None:
+    def _failed(self, item: dict[str, Any], error: str, transient: bool = True) -> None:
+        """Retry later, or give up (the dead letter): permanent refusal, too many attempts, too long."""
+        now = time.time()
         attempts = item["attempts"] + 1
-        delay = min(self.config.retry_max_seconds, self.config.retry_base_seconds * 2 ** (attempts - 1))
-        give_up = self.config.max_send_attempts and attempts >= self.config.max_send_attempts
-        self.db.execute("UPDATE outbox SET attempts=?, next_attempt=?, last_error=?, state=? WHERE id=?",
-                        (attempts, time.time() + delay, error, "failed" if give_up else "pending", item["id"]))
+        first = item.get("first_failure") or now
+        hours = float(getattr(self.config, "give_up_after_hours", 24.0) or 0)
         self.metrics.send_failures.labels(item["kind"]).inc()
-        log.warning("sending %s of study %s to %s failed (attempt %d): %s; %s", item["kind"], item["study_uid"],
-                    item["destination"], attempts, error,
-                    "giving up (max_send_attempts)" if give_up else f"retrying in {delay:.0f} s")
+        if not transient:
+            why = "a refusal that will not change"
+        elif self.config.max_send_attempts and attempts >= self.config.max_send_attempts:
+            why = f"{attempts} attempts (max_send_attempts)"
+        elif hours > 0 and now - first >= hours * 3600:
+            why = f"failing for {(now - first) / 3600:.3g} h (give_up_after_hours = {hours:g})"
+        else:
+            delay = min(self.config.retry_max_seconds, self.config.retry_base_seconds * 2 ** (attempts - 1))
+            self.db.retry_later(item["id"], attempts, now + delay, error, first)
+            log.warning("sending %s of study %s to %s failed (attempt %d): %s; retrying in %.0f s", item["kind"],
+                        item["study_uid"], item["destination"], attempts, error, delay)
+            return
+        self.db.mark_dead(item["id"], attempts, f"{error} [gave up: {why}]", first)
+        log.error("sending %s of study %s to %s failed (attempt %d): %s; gave up (%s): dead letter; %s", item["kind"],
+                  item["study_uid"], item["destination"], attempts, error, why,
+                  DEAD_REMEDY.format(study=item["study_uid"]))
 
     def deliver(self, item: dict[str, Any]) -> None:
         """C-STORE one outbox item; raises :class:`SendError` on any failure."""
@@ -108,7 +157,7 @@ class OutboxSender:
             paths = [item["path"]]
         else:
             paths = [i["path"] for i in self.spool.instances(item["study_uid"])]
-        self.store(Destination.parse(item["destination"]), paths, priority=item["priority"])
+        self.store(Destination.parse(item["destination"]), paths, priority=Priority(item["urgency"]).dimse)
 
     def store(self, dest: Destination, paths: list[str], priority: int = 0) -> None:
         """Send files in one association; every one must get a success or warning status.
@@ -133,7 +182,7 @@ class OutboxSender:
             requested += [build_context(sop_class, ts) for ts in sorted(tss - set(_UNCOMPRESSED))]
         if len(requested) > 128:
             raise SendError(f"{len(requested)} SOP class and transfer syntax pairs in one study exceed DICOM's 128 "
-                            "presentation contexts")
+                            "presentation contexts", transient=False)
         ae = AE(ae_title=self.config.ae_title)
         ae.requested_contexts = requested
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
@@ -150,6 +199,8 @@ class OutboxSender:
             accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
             for p in paths:
                 sop_class, ts = metas[p]
+                if not any(a == sop_class for a, _ in accepted):
+                    raise SendError(f"{dest} accepts no presentation context for {UID(sop_class).name}", transient=False)
                 if (sop_class, ts) in accepted or ts in _UNCOMPRESSED:
                     status = assoc.send_c_store(p, priority=priority)
                 else:
@@ -158,7 +209,10 @@ class OutboxSender:
                 if code is None:
                     raise SendError(f"{dest} did not answer the C-STORE (connection lost or timed out)")
                 if code != 0 and not 0xB000 <= code <= 0xBFFF:
-                    raise SendError(f"{dest} answered C-STORE with status 0x{code:04X}")
+                    # The peer took the association and read the object: the same bytes get the same answer.
+                    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", ""))[1]
+                    raise SendError(f"{dest} refused the C-STORE with status 0x{code:04X}"
+                                    + (f" ({meaning})" if meaning else ""), transient=False)
         finally:
             if assoc.is_established:
                 assoc.release()

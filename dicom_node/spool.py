@@ -1,4 +1,4 @@
-"""The durable instance store and the node's job database.
+"""The durable instance store: the spool and quarantine folders, written with fsync.
 
 An instance is acknowledged (C-STORE status 0x0000) only after its bytes are on
 disk and its row is committed in SQLite: the bytes go to a temporary file, which
@@ -16,9 +16,12 @@ the waiting instances once, commits all their rows in one SQLite transaction
 load, one folder fsync and one database commit serve a whole batch instead of
 one instance; alone, an instance costs what it did before.
 
-One SQLite file (WAL) holds every piece of state, so that a restart resumes
-where the node stopped: ``instances``, ``studies`` (the assembler's and worker's
-state), ``quarantine`` and ``outbox`` (the sender's queue).
+This module keeps the files (spool and quarantine folders); the rows are the job
+database's (:mod:`dicom_node.jobs`). The group committer stays here because it is
+part of making a *file* durable (the folder fsyncs and the row commit are one step
+for the association threads), but it writes the rows through
+:meth:`dicom_node.jobs.JobDatabase.record_instances`, the only place that knows the
+tables.
 """
 
 from __future__ import annotations
@@ -28,114 +31,18 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
+
+from dicom_node.jobs import JobDatabase
 
 log = logging.getLogger("dicom_node.spool")
 
 _UID_RE = re.compile(r"^[0-9][0-9.]{0,63}$")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    sop_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    sop_class TEXT,
-    modality TEXT,
-    path TEXT NOT NULL,
-    size INTEGER,
-    calling_ae TEXT,
-    received REAL NOT NULL,
-    skipped TEXT
-);
-CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    n_instances INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL DEFAULT 'receiving',
-    revision INTEGER NOT NULL DEFAULT 0,
-    result TEXT,
-    error TEXT,
-    classified REAL,
-    stable REAL
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    path TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    calling_ae TEXT,
-    sop_uid TEXT,
-    study_uid TEXT,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    key TEXT UNIQUE NOT NULL,
-    study_uid TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    path TEXT,
-    priority INTEGER NOT NULL DEFAULT 2,
-    state TEXT NOT NULL DEFAULT 'pending',
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL DEFAULT 0,
-    last_error TEXT,
-    created REAL NOT NULL,
-    sent REAL
-);
-"""
-
-
-class JobDatabase:
-    """The node's SQLite database; one connection per thread.
-
-    Parameters
-    ----------
-    path : str or Path
-        The database file (created with its tables when missing).
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        with self.connect() as c:
-            c.execute("PRAGMA journal_mode=WAL")
-            c.executescript(SCHEMA)
-
-    def connect(self) -> sqlite3.Connection:
-        """This thread's connection (autocommit off; use ``with`` for a transaction)."""
-        c = getattr(self._local, "conn", None)
-        if c is None:
-            c = sqlite3.connect(self.path, timeout=30, isolation_level="DEFERRED")
-            c.row_factory = sqlite3.Row
-            # FULL: a commit survives a power cut, not only a killed process.
-            c.execute("PRAGMA synchronous=FULL")
-            c.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = c
-        return c
-
-    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        return self.connect().execute(sql, args).fetchall()
-
-    def execute(self, sql: str, args: tuple = ()) -> int:
-        """Run one statement in its own transaction; return the rows changed."""
-        with self.connect() as c:
-            return c.execute(sql, args).rowcount
-
-    def close(self) -> None:
-        c = getattr(self._local, "conn", None)
-        if c is not None:
-            c.close()
-            self._local.conn = None
-
 
 def safe_name(uid: str) -> str:
     """A file-name-safe form of a UID (a hash when the UID is malformed)."""
@@ -219,15 +126,6 @@ def write_durably(path: Path, data: bytes) -> None:
     """
     for d in write_file(path, data):
         fsync_dir(d)
-
-
-_INSERT_INSTANCE = ("INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class, modality, path, "
-                    "size, calling_ae, received, skipped) VALUES (?,?,?,?,?,?,?,?,?,NULL)")
-# New data for a study already classified reopens it: the next result is a new revision.
-_UPSERT_STUDY = ("INSERT INTO studies (study_uid, first_received, last_received, n_instances) VALUES (?,?,?,0) "
-                 "ON CONFLICT(study_uid) DO UPDATE SET last_received=excluded.last_received, "
-                 "state=CASE WHEN state='receiving' THEN state ELSE 'receiving' END")
-_COUNT_STUDY = "UPDATE studies SET n_instances=(SELECT COUNT(*) FROM instances WHERE study_uid=?) WHERE study_uid=?"
 
 
 @dataclass
@@ -363,12 +261,7 @@ class GroupCommitter:
                 item.done.set()
 
     def _insert(self, batch: list[PendingInstance]) -> None:
-        now = time.time()
-        studies = list(dict.fromkeys(item.study_uid for item in batch))
-        with self.db.connect() as c:
-            c.executemany(_INSERT_INSTANCE, [(*item.row, now) for item in batch])
-            c.executemany(_UPSERT_STUDY, [(uid, now, now) for uid in studies])
-            c.executemany(_COUNT_STUDY, [(uid, uid) for uid in studies])
+        self.db.record_instances([item.row for item in batch], time.time())
 
 
 class Spool:
@@ -450,16 +343,9 @@ class Spool:
             write_durably(path, data or b"")
         write_durably(path.with_suffix(".json"), json.dumps(
             {"reason": reason, "calling_ae": calling_ae, "sop_uid": sop_uid, "study_uid": study_uid}).encode())
-        self.db.execute("INSERT INTO quarantine (path, reason, calling_ae, sop_uid, study_uid, at) VALUES (?,?,?,?,?,?)",
-                        (str(path), reason, calling_ae, sop_uid, study_uid, time.time()))
+        self.db.add_quarantine(str(path), reason, calling_ae, sop_uid, study_uid)
         return path
 
     def instances(self, study_uid: str) -> list[dict[str, Any]]:
         """The study's instances that were not skipped, in series then arrival order."""
-        rows = self.db.query("SELECT * FROM instances WHERE study_uid=? AND skipped IS NULL "
-                             "ORDER BY series_uid, received", (study_uid,))
-        return [dict(r) for r in rows]
-
-    def iter_all(self) -> Iterator[dict[str, Any]]:
-        for r in self.db.query("SELECT * FROM instances"):
-            yield dict(r)
+        return self.db.instances(study_uid)

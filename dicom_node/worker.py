@@ -9,12 +9,23 @@ committed in one transaction with the study's new state.
 
 UIDs of the report are derived from (study, model, revision), so classifying a
 study again after a crash yields the same SR instance, never a second one.
+
+One current report per study and model:
+
+- an unchanged resend (the same set of SOP Instance UIDs as the current report
+  covers, whatever the bytes) gives no new report: the study returns to
+  ``classified`` at once. DICOM gives a changed instance a new SOP Instance UID.
+- a study that grew (new instances or series, the rest after a restart) gets a new
+  report, revision + 1: a new SOP Instance UID, the *same* SR series (its UID is
+  derived from study and model, not revision; SeriesNumber 9900, InstanceNumber the
+  revision) and a Predecessor Documents Sequence naming the report it supersedes.
+- a study the node found still receiving at a restart, and that got nothing more
+  since, is reported with CompletionFlag PARTIAL; COMPLETE otherwise.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,14 +35,15 @@ import pydicom
 import torch
 
 from dicom_node.config import NodeConfig
+from dicom_node.jobs import JobDatabase, Priority, sop_digest
 from dicom_node.metrics import NodeMetrics
-from dicom_node.router import PRIORITIES, StudyRouter
+from dicom_node.router import StudyRouter
 from dicom_node.selector import SeriesInfo, SeriesSelector
-from dicom_node.spool import JobDatabase, Spool, safe_name, write_durably
+from dicom_node.spool import Spool, safe_name, write_durably
 from medclass.errors import MedClassError
 from medclass.inference import Classifier, forward_probabilities
 from medclass.io import read_dicom_dataset
-from medclass.sr import build_classification_sr
+from medclass.sr import build_classification_sr, report_reference
 
 log = logging.getLogger("dicom_node.worker")
 
@@ -67,11 +79,7 @@ class InferenceWorker:
 
     def claim(self) -> str | None:
         """Take the oldest ready study, or ``None``."""
-        for r in self.db.query("SELECT study_uid FROM studies WHERE state='ready' ORDER BY stable LIMIT 5"):
-            if self.db.execute("UPDATE studies SET state='classifying' WHERE study_uid=? AND state='ready'",
-                               (r["study_uid"],)):
-                return r["study_uid"]
-        return None
+        return self.db.claim_ready()
 
     def run_once(self) -> bool:
         """Classify one ready study if there is one; return whether there was."""
@@ -82,9 +90,10 @@ class InferenceWorker:
         try:
             outcome = self.classify_study(uid)
         except Exception as e:  # one study's failure must not stop the node
-            log.exception("study %s failed: %s", uid, e)
-            self.db.execute("UPDATE studies SET state='failed', error=? WHERE study_uid=? AND state='classifying'",
-                            (f"{type(e).__name__}: {e}", uid))
+            reason = failure_reason(e, uid)
+            log.error("study %s failed: %s", uid, reason)  # one line; the traceback with -v
+            log.debug("study %s: traceback of the failure", uid, exc_info=True)
+            self.db.finish_failed(uid, reason)
             outcome = "failed"
         self.metrics.studies.labels(outcome).inc()
         self.metrics.inference_seconds.observe(time.perf_counter() - t0)
@@ -93,8 +102,17 @@ class InferenceWorker:
     # ------------------------------------------------------------------ one study
 
     def classify_study(self, study_uid: str) -> str:
-        """Classify one claimed study; returns its outcome (``classified``, ``skipped``)."""
-        instances = self.spool.instances(study_uid)
+        """Classify one claimed study; returns its outcome (``classified``, ``unchanged``, ``skipped``)."""
+        study = self.db.study(study_uid)
+        every = self.db.instances(study_uid, include_skipped=True)  # one read: the set the result covers
+        digest = sop_digest(i["sop_uid"] for i in every)
+        if study and study["digest"] == digest:
+            # The same instances as the current report (a resend): no new report, no new forward.
+            self.db.finish_unchanged(study_uid)
+            log.info("study %s resent unchanged (%d instances): its report stands", study_uid, len(every))
+            return "unchanged"
+        instances = [i for i in every if i["skipped"] is None]
+        complete = not (study and study["interrupted"])
         headers: dict[str, pydicom.Dataset] = {}
         series: dict[str, SeriesInfo] = {}
         for inst in instances:
@@ -108,11 +126,11 @@ class InferenceWorker:
         plan = self.selector.plan(list(series.values()))
         if not plan:
             desc = ", ".join(f"{s.series_uid} (modality {s.modality or '?'})" for s in series.values()) or "none"
-            self._finish(study_uid, "skipped", None, f"no model matches series {desc}; add a rule to [[routes]] in "
-                         "node.toml", [])
+            self._skipped(study_uid, f"no model matches series {desc}; add a rule to [[routes]] in node.toml, then "
+                          f"'medclass node resend {study_uid}'")
             return "skipped"
-        results, outbox = [], []
-        revision = self.db.query("SELECT revision FROM studies WHERE study_uid=?", (study_uid,))[0]["revision"] + 1
+        results, outbox, reports = [], [], []
+        revision = (study["revision"] if study else 0) + 1
         for checkpoint, series_uids in plan.items():
             chosen = [i for i in instances if i["series_uid"] in series_uids and i["sop_uid"] in headers]
             res = self._classify(checkpoint, chosen)
@@ -120,19 +138,24 @@ class InferenceWorker:
                 continue
             probs, label, used, clf = res
             result = {"model": clf.loaded.name, "checkpoint": Path(checkpoint).name, "probabilities": probs,
-                      "label": label, "images": len(used), "series": series_uids}
+                      "label": label, "images": len(used), "series": series_uids, "complete": complete}
             results.append(result)
-            outbox += self._queue_report(study_uid, revision, checkpoint, clf, probs, label,
-                                         [headers[i["sop_uid"]] for i in used])
+            report, queued = self._queue_report(study_uid, revision, checkpoint, clf, probs, label,
+                                                [headers[i["sop_uid"]] for i in used], complete)
+            reports.append(report)
+            outbox += queued
             for rule in self.router.destinations(probs, label):
                 outbox.append(dict(key=f"forward:{study_uid}:{revision}:{rule.destination}", kind="forward",
                                    destination=str(rule.destination), path=None,
-                                   priority=PRIORITIES[rule.priority]))
+                                   priority=Priority.of_forward_rule(rule.priority)))
                 result.setdefault("routed", []).append(str(rule.destination))
         if not results:
-            self._finish(study_uid, "skipped", None, "no image of the study could be classified (see quarantine)", [])
+            self._skipped(study_uid, "no image of the study could be classified; the quarantine folder holds them "
+                          "with the reasons")
             return "skipped"
-        self._finish(study_uid, "classified", results, None, outbox, revision)
+        self.db.finish_classified(study_uid, revision, results, digest, reports, outbox)
+        log.info("study %s classified (revision %d%s): %s", study_uid, revision, "" if complete else ", PARTIAL",
+                 "; ".join(f"{r['model']} → {r['label']}" for r in results))
         return "classified"
 
     def _classify(self, checkpoint: str, chosen: list[dict[str, Any]]):
@@ -162,24 +185,35 @@ class InferenceWorker:
         return probs, clf.task.label_names(row), used, clf
 
     def _queue_report(self, study_uid: str, revision: int, checkpoint: str, clf: Classifier, probs, label,
-                      sources: list[pydicom.Dataset]) -> list[dict[str, Any]]:
+                      sources: list[pydicom.Dataset], complete: bool = True,
+                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Write the SR into the outbox folder; return its ``reports`` row and what to queue."""
         dest = self.config.return_destination
-        seed = [study_uid, clf.loaded.name, Path(checkpoint).name, str(revision)]
-        sop_uid = pydicom.uid.generate_uid(entropy_srcs=seed + ["sop"])
+        model_key = f"{clf.loaded.name}:{Path(checkpoint).name}"
+        seed = [study_uid, clf.loaded.name, Path(checkpoint).name]
+        sop_uid = pydicom.uid.generate_uid(entropy_srcs=seed + [str(revision), "sop"])
+        # One series per study and model, whatever the revision: a superseding report joins its predecessor.
+        series_uid = pydicom.uid.generate_uid(entropy_srcs=seed + ["series"])
+        previous = self.db.previous_report(study_uid, model_key, revision)
+        predecessors = [report_reference(study_uid, previous["series_uid"], previous["sop_uid"],
+                                         previous["sop_class"])] if previous else None
         sr = build_classification_sr(
             sources, clf.card, probs, label, device_name=self.config.ae_title,
-            series_instance_uid=pydicom.uid.generate_uid(entropy_srcs=seed + ["series"]), sop_instance_uid=sop_uid,
-            series_number=9900 + min(revision, 99),
+            series_instance_uid=series_uid, sop_instance_uid=sop_uid, series_number=9900, instance_number=revision,
+            predecessors=predecessors, complete=complete,
         )
         path = self.outbox_dir / safe_name(study_uid) / f"{sop_uid}.dcm"
         buf = io.BytesIO()
         sr.save_as(buf, enforce_file_format=True)
         write_durably(path, buf.getvalue())
+        report = dict(sop_uid=sop_uid, series_uid=series_uid, sop_class=str(sr.SOPClassUID), model_key=model_key,
+                      complete=complete, path=str(path))
         if dest is None:
             log.warning("study classified but no return_to is configured: the SR stays in %s; pass --return-to "
                         "AET@HOST:PORT", path.parent)
-            return []
-        return [dict(key=f"sr:{sop_uid}:{dest}", kind="sr", destination=str(dest), path=str(path), priority=0)]
+            return report, []
+        return report, [dict(key=f"sr:{sop_uid}:{dest}", kind="sr", destination=str(dest), path=str(path),
+                             priority=Priority.ROUTINE)]
 
     def _skip(self, inst: dict[str, Any], reason: str) -> None:
         log.warning("instance skipped in study %s: %s", inst["study_uid"], reason)
@@ -189,21 +223,23 @@ class InferenceWorker:
                                   study_uid=inst["study_uid"], source=Path(inst["path"]))
         except OSError as e:
             log.error("cannot quarantine %s: %s", inst["path"], e)
-        self.db.execute("UPDATE instances SET skipped=? WHERE sop_uid=?", (reason, inst["sop_uid"]))
+        self.db.mark_instance_skipped(inst["sop_uid"], reason)
 
-    def _finish(self, study_uid: str, state: str, results, error: str | None, outbox: list[dict[str, Any]],
-                revision: int | None = None) -> None:
-        now = time.time()
-        with self.db.connect() as c:
-            for o in outbox:
-                c.execute("INSERT OR IGNORE INTO outbox (key, study_uid, kind, destination, path, priority, created) "
-                          "VALUES (?,?,?,?,?,?,?)",
-                          (o["key"], study_uid, o["kind"], o["destination"], o["path"], o["priority"], now))
-            c.execute("UPDATE studies SET state=CASE WHEN state='classifying' THEN ? ELSE state END, result=?, "
-                      "error=?, classified=?, revision=COALESCE(?, revision) WHERE study_uid=?",
-                      (state, json.dumps(results) if results else None, error, now, revision, study_uid))
-        if error:
-            log.info("study %s %s: %s", study_uid, state, error)
-        else:
-            log.info("study %s %s: %s", study_uid, state,
-                     "; ".join(f"{r['model']} → {r['label']}" for r in results or []))
+    def _skipped(self, study_uid: str, reason: str) -> None:
+        self.db.finish_skipped(study_uid, reason)
+        log.info("study %s skipped: %s", study_uid, reason)
+
+
+def failure_reason(error: BaseException, study_uid: str) -> str:
+    """One line for ``node status`` and the log: what failed, and what to do."""
+    again = f"then 'medclass node resend {study_uid}' classifies it again"
+    if isinstance(error, MedClassError):
+        what = error.message
+        remedy = f"{error.remedy}; {again}" if error.remedy else again
+    elif isinstance(error, OSError):
+        what = f"cannot read or write the node's files ({error.strerror or error})"
+        remedy = f"check the disk and the permissions of the data folder, {again}"
+    else:
+        what = f"classification raised {type(error).__name__}: {error}".replace("\n", " ")
+        remedy = f"run the node with -v for the traceback and report it, {again}"
+    return f"{what[:300]}; {remedy}"

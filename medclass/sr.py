@@ -90,6 +90,8 @@ def build_classification_sr(
     sop_instance_uid: str | None = None,
     series_description: str | None = None,
     institution_name: str | None = None,
+    predecessors: Sequence[pydicom.Dataset] | None = None,
+    complete: bool = True,
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 report of one classification.
 
@@ -114,6 +116,14 @@ def build_classification_sr(
     series_description : str, optional
         Defaults to ``"MedClass <model name>"``.
     institution_name : str, optional
+    predecessors : sequence of pydicom.Dataset, optional
+        Earlier reports this one supersedes (e.g. made before the study grew): they go
+        into the Predecessor Documents Sequence (0040,A360). Each needs its Study,
+        Series and SOP Instance UIDs and SOP Class UID; :func:`report_reference`
+        makes one from those four.
+    complete : bool
+        CompletionFlag COMPLETE (default), or PARTIAL when the images may not be the
+        whole study (e.g. it was interrupted while arriving).
 
     Returns
     -------
@@ -180,7 +190,8 @@ def build_classification_sr(
         sr = _comprehensive_3d_sr(
             evidence=list(source_datasets), report=report, series_instance_uid=series_instance_uid,
             series_number=series_number, sop_instance_uid=sop_instance_uid, instance_number=instance_number,
-            institution_name=institution_name, series_description=series_description, model_name=model_name)
+            institution_name=institution_name, series_description=series_description, model_name=model_name,
+            predecessors=predecessors, complete=complete)
     # Declare the private coding scheme, so that a reader can tell what 99MEDCLASS is.
     scheme = pydicom.Dataset()
     scheme.CodingSchemeDesignator = PRIVATE_SCHEME
@@ -191,7 +202,8 @@ def build_classification_sr(
 
 
 def _comprehensive_3d_sr(evidence, report, series_instance_uid, series_number, sop_instance_uid, instance_number,
-                         institution_name, series_description, model_name) -> hd.sr.Comprehensive3DSR:
+                         institution_name, series_description, model_name, predecessors=None,
+                         complete=True) -> hd.sr.Comprehensive3DSR:
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
@@ -200,12 +212,22 @@ def _comprehensive_3d_sr(evidence, report, series_instance_uid, series_number, s
         sop_instance_uid=sop_instance_uid or hd.UID(),
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
-        is_complete=True,
+        is_complete=complete,
         is_final=False,
         is_verified=False,
         institution_name=institution_name,
         series_description=(series_description or f"MedClass {model_name}")[:64],
+        previous_versions=list(predecessors) if predecessors else None,
     )
+
+
+def report_reference(study_uid: str, series_uid: str, sop_uid: str,
+                     sop_class: str = pydicom.uid.Comprehensive3DSRStorage) -> pydicom.Dataset:
+    """The four UIDs that name an earlier report, as ``predecessors`` of :func:`build_classification_sr` takes."""
+    ref = pydicom.Dataset()
+    ref.StudyInstanceUID, ref.SeriesInstanceUID = study_uid, series_uid
+    ref.SOPInstanceUID, ref.SOPClassUID = sop_uid, sop_class
+    return ref
 
 
 def read_classification_sr(ds: pydicom.Dataset) -> dict[str, Any]:
@@ -221,7 +243,8 @@ def read_classification_sr(ds: pydicom.Dataset) -> dict[str, Any]:
     dict
         ``findings`` (list of ``(scheme, value, meaning)``), ``probabilities``
         (meaning of the numeric item to value), ``algorithm`` (name, version),
-        ``study_uid``, ``verification``.
+        ``study_uid``, ``verification``, ``complete`` (the CompletionFlag is COMPLETE) and
+        ``predecessors`` (SOP Instance UIDs in the Predecessor Documents Sequence).
     """
     report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
     out: dict[str, Any] = {"study_uid": str(ds.StudyInstanceUID), "verification": str(ds.VerificationFlag),
@@ -233,6 +256,9 @@ def read_classification_sr(ds: pydicom.Dataset) -> dict[str, Any]:
         for m in group.get_measurements():
             out["probabilities"][m.name.meaning.removeprefix("Probability of ")] = float(m.value)
     out["algorithm"] = _algorithm(ds.ContentSequence)
+    out["complete"] = str(ds.get("CompletionFlag", "")) == "COMPLETE"
+    out["predecessors"] = [str(i.ReferencedSOPInstanceUID) for st in ds.get("PredecessorDocumentsSequence", [])
+                           for se in st.ReferencedSeriesSequence for i in se.ReferencedSOPSequence]
     return out
 
 

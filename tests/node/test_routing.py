@@ -107,9 +107,9 @@ def test_node_toml_routes_by_modality_and_forwards_by_result_with_high_priority(
                                                       (mr_uid,))[0]["error"]
     wait_until(lambda: [r["state"] for r in node.db.query("SELECT state FROM outbox WHERE kind='forward'")]
                == ["sent", "sent"], 60, what="both forwards delivered")
-    rows = node.db.query("SELECT destination, priority, study_uid FROM outbox ORDER BY id")
-    assert [(r["destination"].split("@")[0], r["priority"], r["study_uid"]) for r in rows] == [
-        ("URGENT", 1, ct_uid), ("ARCHIVE", 0, ct_uid)]  # DIMSE priority 1 = HIGH, 0 = MEDIUM
+    rows = node.db.outbox(ct_uid)
+    assert [(r["destination"].split("@")[0], r["urgency"]) for r in rows] == [
+        ("URGENT", "urgent"), ("ARCHIVE", "routine")]  # sent with DIMSE priority HIGH and MEDIUM (below)
 
     # Every instance of the study arrived, with HIGH priority at URGENT.
     sent = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p) for p in ct_study}

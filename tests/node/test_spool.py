@@ -6,7 +6,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 
-from dicom_node.spool import JobDatabase, Spool
+from dicom_node.jobs import JobDatabase
+from dicom_node.spool import Spool
 
 from .conftest import wait_until
 

@@ -1,0 +1,519 @@
+"""The node's job database: one SQLite file, one owner.
+
+Every table and every change of a study's or an outbox item's state is here, as a named
+method; the assembler, the worker, the sender, ``node status`` and ``node resend`` call
+these methods and never write SQL of their own. :mod:`dicom_node.spool` keeps the files
+(its :class:`~dicom_node.spool.GroupCommitter` commits instance rows through
+:meth:`JobDatabase.record_instances`).
+
+Tables
+------
+``instances``   every acknowledged instance (path of its file in the spool).
+``studies``     one row per study: its :class:`StudyState`, result, revision, the digest of the
+                SOP Instance UIDs its current report covers, and whether the node knows the
+                study was interrupted (found receiving at a restart).
+``reports``     every SR the node built, so that the next one of the same study and model
+                names it in its Predecessor Documents Sequence.
+``quarantine``  objects set aside, with the reason.
+``outbox``      the sender's queue (SRs and forwards) with a named :class:`Priority` and an
+                :class:`OutboxState`; ``dead`` is the dead letter.
+
+Durability: WAL journal, ``synchronous=FULL`` on every connection (a commit survives a
+power cut), one connection per thread.
+
+Study life cycle (:data:`TRANSITIONS`)::
+
+    receiving --mark_stable--> ready --claim_ready--> classifying --finish_classified--> classified
+        ^                        ^                        |  \\--finish_skipped--> skipped
+        |                        |                        |   \\-finish_failed---> failed
+        |                        +--requeue_interrupted---+    \\-finish_unchanged-> classified (no new SR)
+        +------ a new instance (reopen), from any state ------+
+    skipped / failed --requeue (medclass node resend)--> ready
+
+A transition asked from a state that does not allow it raises :class:`IllegalTransition`,
+except when the study was reopened meanwhile by a new instance (the association threads
+may reopen a study at any moment): then the transition is dropped and the method returns
+``False``; the study is classified again once it is stable.
+
+Schema versions (``PRAGMA user_version``): 0 is the layout before this module (no
+``interrupted``/``digest`` columns, no ``reports`` table, outbox ordered by a DIMSE
+priority number, ``failed`` for an outbox item that gave up). :meth:`JobDatabase.migrate`
+brings an existing ``node.db`` to :data:`SCHEMA_VERSION` at open, in one transaction, so a
+node upgraded in place starts with its queue intact.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+#: The layout :data:`SCHEMA` creates; older files are migrated to it at open.
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_class TEXT,
+    modality TEXT,
+    path TEXT NOT NULL,
+    size INTEGER,
+    calling_ae TEXT,
+    received REAL NOT NULL,
+    skipped TEXT
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'receiving',
+    revision INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    error TEXT,
+    classified REAL,
+    stable REAL,
+    interrupted INTEGER NOT NULL DEFAULT 0,
+    digest TEXT
+);
+CREATE TABLE IF NOT EXISTS reports (
+    sop_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_class TEXT NOT NULL,
+    model_key TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    complete INTEGER NOT NULL,
+    path TEXT,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reports_study ON reports(study_uid, model_key);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    calling_ae TEXT,
+    sop_uid TEXT,
+    study_uid TEXT,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT UNIQUE NOT NULL,
+    study_uid TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    path TEXT,
+    urgency TEXT NOT NULL DEFAULT 'routine',
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    first_failure REAL,
+    last_error TEXT,
+    created REAL NOT NULL,
+    sent REAL
+);
+"""
+
+#: Columns added since schema version 0: (table, column, declaration).
+_ADDED_COLUMNS = [
+    ("studies", "interrupted", "INTEGER NOT NULL DEFAULT 0"),
+    ("studies", "digest", "TEXT"),
+    ("outbox", "urgency", "TEXT NOT NULL DEFAULT 'routine'"),
+    ("outbox", "first_failure", "REAL"),
+]
+
+
+class StudyState(str, enum.Enum):
+    """Where a study is in its life (the ``studies.state`` column)."""
+
+    RECEIVING = "receiving"  # instances arriving; not yet quiet for stable_seconds
+    READY = "ready"  # stable, waiting for the worker
+    CLASSIFYING = "classifying"  # claimed by the worker
+    CLASSIFIED = "classified"  # a report covers the study as it is now
+    SKIPPED = "skipped"  # nothing to classify (no model matches, no readable image)
+    FAILED = "failed"  # classification raised; the error says what and what to do
+
+    def check(self, new: StudyState) -> None:
+        """Raise :class:`IllegalTransition` unless ``self`` may become ``new``."""
+        if new not in TRANSITIONS[self]:
+            raise IllegalTransition(self, new)
+
+
+#: The allowed moves. RECEIVING is reachable from every state: a new instance reopens a study.
+TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
+    StudyState.RECEIVING: frozenset({StudyState.RECEIVING, StudyState.READY}),
+    StudyState.READY: frozenset({StudyState.RECEIVING, StudyState.CLASSIFYING}),
+    StudyState.CLASSIFYING: frozenset({StudyState.RECEIVING, StudyState.CLASSIFIED, StudyState.SKIPPED,
+                                       StudyState.FAILED, StudyState.READY}),
+    StudyState.CLASSIFIED: frozenset({StudyState.RECEIVING}),
+    StudyState.SKIPPED: frozenset({StudyState.RECEIVING, StudyState.READY}),
+    StudyState.FAILED: frozenset({StudyState.RECEIVING, StudyState.READY}),
+}
+
+
+class IllegalTransition(ValueError):
+    """A study was asked to move between two states that :data:`TRANSITIONS` does not join."""
+
+    def __init__(self, old: StudyState | str | None, new: StudyState) -> None:
+        self.old, self.new = old, new
+        old_name = old.value if isinstance(old, StudyState) else old
+        super().__init__(f"a study cannot go from {old_name!r} to {new.value!r}")
+
+
+class OutboxState(str, enum.Enum):
+    """Where an outbox item is (the ``outbox.state`` column)."""
+
+    PENDING = "pending"  # queued, or waiting for its next attempt
+    SENT = "sent"  # the peer answered success (or warning)
+    DEAD = "dead"  # given up (dead letter): a refusal that will not change, or retried too long
+
+
+class Priority(str, enum.Enum):
+    """An outbox item's place in the queue; urgent items go first.
+
+    The C-STORE's DIMSE priority follows (:attr:`dimse`): urgent is HIGH, routine is MEDIUM,
+    low is LOW.
+    """
+
+    URGENT = "urgent"
+    ROUTINE = "routine"
+    LOW = "low"
+
+    @property
+    def dimse(self) -> int:
+        """The DIMSE Priority (0000,0700) value: MEDIUM 0, HIGH 1, LOW 2."""
+        return {Priority.URGENT: 1, Priority.ROUTINE: 0, Priority.LOW: 2}[self]
+
+    @classmethod
+    def of_forward_rule(cls, name: str) -> Priority:
+        """The priority of a ``[[forward]]`` rule's ``priority = "high" | "medium" | "low"``."""
+        return {"high": cls.URGENT, "medium": cls.ROUTINE, "low": cls.LOW}[name]
+
+
+# Queue order, from the enum's order (urgent first), so that no number stands for a priority in SQL.
+_URGENCY_ORDER = "CASE urgency " + " ".join(f"WHEN '{p.value}' THEN {i}" for i, p in enumerate(Priority)) + \
+    f" ELSE {len(Priority)} END"
+
+
+def sop_digest(sop_uids: Iterable[str]) -> str:
+    """A digest of a set of SOP Instance UIDs (order and repeats do not matter)."""
+    return hashlib.sha256("\n".join(sorted(set(sop_uids))).encode()).hexdigest()
+
+
+class JobDatabase:
+    """The node's SQLite database; one connection per thread.
+
+    Parameters
+    ----------
+    path : str or Path
+        The database file (created with its tables when missing, migrated when older).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        c = self.connect()
+        c.execute("PRAGMA journal_mode=WAL")
+        c.executescript(SCHEMA)
+        self.migrate()
+
+    # ------------------------------------------------------------------ connection
+
+    def connect(self) -> sqlite3.Connection:
+        """This thread's connection (autocommit off; use ``with`` for a transaction)."""
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = sqlite3.connect(self.path, timeout=30, isolation_level="DEFERRED")
+            c.row_factory = sqlite3.Row
+            # FULL: a commit survives a power cut, not only a killed process.
+            c.execute("PRAGMA synchronous=FULL")
+            c.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = c
+        return c
+
+    def query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        """Read-only inspection (tests, benchmarks); the node itself uses the named methods."""
+        return self.connect().execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            c.close()
+            self._local.conn = None
+
+    def migrate(self) -> int:
+        """Bring an older ``node.db`` to :data:`SCHEMA_VERSION`; return the version found.
+
+        One ``BEGIN IMMEDIATE`` transaction: an ingest helper process opening the file at
+        the same moment waits, then finds it migrated.
+        """
+        c = self.connect()
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            found = c.execute("PRAGMA user_version").fetchone()[0]
+            if found < SCHEMA_VERSION:
+                for table, column, decl in _ADDED_COLUMNS:
+                    have = {r["name"] for r in c.execute(f"PRAGMA table_info({table})")}
+                    if column not in have:
+                        c.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+                outbox = {r["name"] for r in c.execute("PRAGMA table_info(outbox)")}
+                if "priority" in outbox:  # version 0 kept the DIMSE priority number (HIGH 1, MEDIUM 0, LOW 2)
+                    c.execute("UPDATE outbox SET urgency=CASE priority WHEN 1 THEN ? WHEN 2 THEN ? ELSE ? END",
+                              (Priority.URGENT.value, Priority.LOW.value, Priority.ROUTINE.value))
+                # Version 0 called a given-up item 'failed'; it is the dead letter now.
+                c.execute("UPDATE outbox SET state=? WHERE state='failed'", (OutboxState.DEAD.value,))
+                c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return found
+
+    # ------------------------------------------------------------------ instances (the spool's rows)
+
+    def record_instances(self, rows: Sequence[tuple[Any, ...]], now: float) -> None:
+        """Commit instance rows and reopen their studies, in one transaction.
+
+        ``rows`` are ``(sop_uid, study_uid, series_uid, sop_class, modality, path, size,
+        calling_ae)``. A second copy of a SOP Instance UID replaces the first. A study in any
+        state goes back to ``receiving`` (new activity); an instance arriving after a restart
+        clears the study's ``interrupted`` mark: the study went on after the restart, and the
+        quiet-time rule decides when it is complete, as for any study.
+        """
+        studies = list(dict.fromkeys(r[1] for r in rows))
+        with self.connect() as c:
+            c.executemany("INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class, modality, "
+                          "path, size, calling_ae, received, skipped) VALUES (?,?,?,?,?,?,?,?,?,NULL)",
+                          [(*r, now) for r in rows])
+            c.executemany("INSERT INTO studies (study_uid, first_received, last_received, n_instances) "
+                          "VALUES (?,?,?,0) ON CONFLICT(study_uid) DO UPDATE SET "
+                          "last_received=excluded.last_received, state=?, interrupted=0",
+                          [(uid, now, now, StudyState.RECEIVING.value) for uid in studies])
+            c.executemany("UPDATE studies SET n_instances=(SELECT COUNT(*) FROM instances WHERE study_uid=?) "
+                          "WHERE study_uid=?", [(uid, uid) for uid in studies])
+
+    def instances(self, study_uid: str, include_skipped: bool = False) -> list[dict[str, Any]]:
+        """The study's instances (by default those not skipped), in series then arrival order."""
+        where = "" if include_skipped else " AND skipped IS NULL"
+        rows = self.connect().execute(f"SELECT * FROM instances WHERE study_uid=?{where} "
+                                      "ORDER BY series_uid, received", (study_uid,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def mark_instance_skipped(self, sop_uid: str, reason: str) -> None:
+        """An instance the worker could not use (its file went to quarantine)."""
+        with self.connect() as c:
+            c.execute("UPDATE instances SET skipped=? WHERE sop_uid=?", (reason, sop_uid))
+
+    def add_quarantine(self, path: str, reason: str, calling_ae: str | None, sop_uid: str | None,
+                       study_uid: str | None) -> None:
+        with self.connect() as c:
+            c.execute("INSERT INTO quarantine (path, reason, calling_ae, sop_uid, study_uid, at) VALUES (?,?,?,?,?,?)",
+                      (path, reason, calling_ae, sop_uid, study_uid, time.time()))
+
+    def quarantined(self, study_uid: str) -> int:
+        """How many objects of the study are in quarantine."""
+        return self.connect().execute("SELECT COUNT(*) FROM quarantine WHERE study_uid=?", (study_uid,)).fetchone()[0]
+
+    # ------------------------------------------------------------------ studies
+
+    def study(self, study_uid: str) -> dict[str, Any] | None:
+        row = self.connect().execute("SELECT * FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+        return dict(row) if row else None
+
+    def state(self, study_uid: str) -> StudyState | None:
+        s = self.study(study_uid)
+        return StudyState(s["state"]) if s else None
+
+    def recent_studies(self, limit: int = 20) -> list[dict[str, Any]]:
+        rows = self.connect().execute("SELECT * FROM studies ORDER BY last_received DESC LIMIT ?", (limit,))
+        return [dict(r) for r in rows.fetchall()]
+
+    def _move(self, c: sqlite3.Connection, study_uid: str, frm: Iterable[StudyState], to: StudyState,
+              sets: str = "", args: tuple = (), where: str = "", where_args: tuple = ()) -> bool:
+        """``UPDATE`` one study from one of ``frm`` to ``to``, inside the caller's transaction.
+
+        Returns False when the study was reopened meanwhile (it is receiving); raises
+        :class:`IllegalTransition` when it is in any other state ``frm`` does not hold.
+        """
+        frm = list(frm)
+        for f in frm:
+            f.check(to)
+        marks = ",".join("?" * len(frm))
+        n = c.execute(f"UPDATE studies SET state=?{', ' + sets if sets else ''} WHERE study_uid=? "
+                      f"AND state IN ({marks}){where}",
+                      (to.value, *args, study_uid, *(f.value for f in frm), *where_args)).rowcount
+        if n:
+            return True
+        row = c.execute("SELECT state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+        current = StudyState(row["state"]) if row else None
+        if current is StudyState.RECEIVING or current in frm:  # reopened, or the extra condition failed
+            return False
+        raise IllegalTransition(current, to)
+
+    def receiving_since(self) -> float | None:
+        """The oldest ``last_received`` of the studies still receiving (``None``: none is)."""
+        return self.connect().execute("SELECT MIN(last_received) FROM studies WHERE state=?",
+                                      (StudyState.RECEIVING.value,)).fetchone()[0]
+
+    def mark_stable(self, cutoff: float, now: float) -> list[str]:
+        """receiving → ready for every study whose last instance is at or before ``cutoff``."""
+        ready = []
+        with self.connect() as c:
+            rows = c.execute("SELECT study_uid FROM studies WHERE state=? AND last_received <= ?",
+                             (StudyState.RECEIVING.value, cutoff)).fetchall()
+            for r in rows:
+                # The condition again, in the same transaction: an instance stored since the SELECT
+                # keeps the study open.
+                if self._move(c, r["study_uid"], [StudyState.RECEIVING], StudyState.READY, "stable=?", (now,),
+                              " AND last_received <= ?", (cutoff,)):
+                    ready.append(r["study_uid"])
+        return ready
+
+    def recover_after_restart(self) -> tuple[int, int]:
+        """At the node's start: classifying → ready (classified again), receiving → marked interrupted.
+
+        A study still receiving when the node stopped may have lost the rest of its instances
+        (the sender gave up, or will resend later); its report is PARTIAL until more of it
+        arrives. Returns (studies requeued, studies marked interrupted).
+        """
+        with self.connect() as c:
+            requeued = 0
+            for r in c.execute("SELECT study_uid FROM studies WHERE state=?",
+                               (StudyState.CLASSIFYING.value,)).fetchall():
+                requeued += self._move(c, r["study_uid"], [StudyState.CLASSIFYING], StudyState.READY)
+            interrupted = c.execute("UPDATE studies SET interrupted=1 WHERE state=?",
+                                    (StudyState.RECEIVING.value,)).rowcount
+        return requeued, interrupted
+
+    def claim_ready(self) -> str | None:
+        """ready → classifying for the study stable longest; its UID, or ``None``."""
+        with self.connect() as c:
+            for r in c.execute("SELECT study_uid FROM studies WHERE state=? ORDER BY stable LIMIT 5",
+                               (StudyState.READY.value,)).fetchall():
+                if self._move(c, r["study_uid"], [StudyState.READY], StudyState.CLASSIFYING):
+                    return r["study_uid"]
+        return None
+
+    def finish_classified(self, study_uid: str, revision: int, results: list[dict[str, Any]], digest: str,
+                          reports: Sequence[dict[str, Any]] = (), outbox: Sequence[dict[str, Any]] = ()) -> bool:
+        """classifying → classified: the result, its reports and what to send, in one transaction.
+
+        ``digest`` (:func:`sop_digest`) names the instances the result covers: the same set
+        again is an unchanged resend (:meth:`finish_unchanged`). When the study was reopened
+        meanwhile the reports and the queue are still recorded (they describe what was
+        classified) and the study stays receiving; its next result is a new revision.
+        """
+        now = time.time()
+        with self.connect() as c:
+            for r in reports:
+                c.execute("INSERT OR REPLACE INTO reports (sop_uid, study_uid, series_uid, sop_class, model_key, "
+                          "revision, complete, path, created) VALUES (?,?,?,?,?,?,?,?,?)",
+                          (r["sop_uid"], study_uid, r["series_uid"], r["sop_class"], r["model_key"], revision,
+                           int(bool(r["complete"])), r.get("path"), now))
+            self._queue(c, study_uid, outbox, now)
+            moved = self._move(c, study_uid, [StudyState.CLASSIFYING], StudyState.CLASSIFIED,
+                               "result=?, error=NULL, classified=?, revision=?, digest=?",
+                               (json.dumps(results), now, revision, digest))
+            if not moved:
+                c.execute("UPDATE studies SET result=?, error=NULL, classified=?, revision=?, digest=? "
+                          "WHERE study_uid=?", (json.dumps(results), now, revision, digest, study_uid))
+        return moved
+
+    def finish_unchanged(self, study_uid: str) -> bool:
+        """classifying → classified without a new report: the same instances as the current one."""
+        with self.connect() as c:
+            return self._move(c, study_uid, [StudyState.CLASSIFYING], StudyState.CLASSIFIED, "error=NULL")
+
+    def finish_skipped(self, study_uid: str, reason: str) -> bool:
+        """classifying → skipped, with the reason and what to do (one line)."""
+        with self.connect() as c:
+            return self._move(c, study_uid, [StudyState.CLASSIFYING], StudyState.SKIPPED, "error=?, classified=?",
+                              (reason, time.time()))
+
+    def finish_failed(self, study_uid: str, reason: str) -> bool:
+        """classifying → failed, with the reason and what to do (one line)."""
+        with self.connect() as c:
+            return self._move(c, study_uid, [StudyState.CLASSIFYING], StudyState.FAILED, "error=?, classified=?",
+                              (reason, time.time()))
+
+    def requeue(self, study_uid: str) -> bool:
+        """skipped or failed → ready: classify the study again (``medclass node resend``)."""
+        with self.connect() as c:
+            return self._move(c, study_uid, [StudyState.SKIPPED, StudyState.FAILED], StudyState.READY,
+                              "error=NULL, stable=?", (time.time(),))
+
+    def previous_report(self, study_uid: str, model_key: str, before_revision: int) -> dict[str, Any] | None:
+        """The latest report of ``model_key`` on the study below ``before_revision`` (``None``: none)."""
+        row = self.connect().execute("SELECT * FROM reports WHERE study_uid=? AND model_key=? AND revision<? "
+                                     "ORDER BY revision DESC LIMIT 1",
+                                     (study_uid, model_key, before_revision)).fetchone()
+        return dict(row) if row else None
+
+    def reports(self, study_uid: str) -> list[dict[str, Any]]:
+        rows = self.connect().execute("SELECT * FROM reports WHERE study_uid=? ORDER BY revision, model_key",
+                                      (study_uid,))
+        return [dict(r) for r in rows.fetchall()]
+
+    # ------------------------------------------------------------------ outbox
+
+    @staticmethod
+    def _queue(c: sqlite3.Connection, study_uid: str, items: Sequence[dict[str, Any]], now: float) -> None:
+        for o in items:
+            c.execute("INSERT OR IGNORE INTO outbox (key, study_uid, kind, destination, path, urgency, created) "
+                      "VALUES (?,?,?,?,?,?,?)",
+                      (o["key"], study_uid, o["kind"], o["destination"], o["path"], Priority(o["priority"]).value,
+                       now))
+
+    def due(self, now: float, limit: int = 20) -> list[dict[str, Any]]:
+        """Pending items whose next attempt is due, urgent first, then in queue order."""
+        rows = self.connect().execute(f"SELECT * FROM outbox WHERE state=? AND next_attempt <= ? "
+                                      f"ORDER BY {_URGENCY_ORDER}, id LIMIT ?",
+                                      (OutboxState.PENDING.value, now, limit)).fetchall()
+        return [dict(r) for r in rows]
+
+    def outbox_count(self, state: OutboxState) -> int:
+        return self.connect().execute("SELECT COUNT(*) FROM outbox WHERE state=?", (state.value,)).fetchone()[0]
+
+    def outbox(self, study_uid: str) -> list[dict[str, Any]]:
+        """Every outbox item of a study, in queue order."""
+        rows = self.connect().execute("SELECT * FROM outbox WHERE study_uid=? ORDER BY id", (study_uid,))
+        return [dict(r) for r in rows.fetchall()]
+
+    def mark_sent(self, item_id: int, now: float) -> None:
+        with self.connect() as c:
+            c.execute("UPDATE outbox SET state=?, sent=?, last_error=NULL, attempts=attempts+1 WHERE id=? AND state=?",
+                      (OutboxState.SENT.value, now, item_id, OutboxState.PENDING.value))
+
+    def retry_later(self, item_id: int, attempts: int, next_attempt: float, error: str, first_failure: float) -> None:
+        """A failed attempt that will be tried again at ``next_attempt``."""
+        with self.connect() as c:
+            c.execute("UPDATE outbox SET attempts=?, next_attempt=?, last_error=?, first_failure=? "
+                      "WHERE id=? AND state=?",
+                      (attempts, next_attempt, error, first_failure, item_id, OutboxState.PENDING.value))
+
+    def mark_dead(self, item_id: int, attempts: int, error: str, first_failure: float) -> None:
+        """pending → dead (the dead letter): not tried again until ``medclass node resend``."""
+        with self.connect() as c:
+            c.execute("UPDATE outbox SET state=?, attempts=?, last_error=?, first_failure=? WHERE id=? AND state=?",
+                      (OutboxState.DEAD.value, attempts, error, first_failure, item_id, OutboxState.PENDING.value))
+
+    def resend_dead(self, study_uid: str | None = None) -> int:
+        """dead → pending, as new (no attempts, due now): a study's items, or every one (``None``).
+
+        A running node's sender picks them up at its next poll; a stopped node at its start.
+        """
+        with self.connect() as c:
+            where, args = ("", ()) if study_uid is None else (" AND study_uid=?", (study_uid,))
+            return c.execute(f"UPDATE outbox SET state=?, attempts=0, next_attempt=0, first_failure=NULL "
+                             f"WHERE state=?{where}",
+                             (OutboxState.PENDING.value, OutboxState.DEAD.value, *args)).rowcount
