@@ -13,7 +13,7 @@ associations to
 
 ``TCP_NODELAY=1`` is in the environment of every dcmtk process: without it Debian's dcmtk
 waits on Nagle's algorithm and the comparison is meaningless. The servers are the peers of
-:mod:`dicom_node.peers`, each started fresh for each run; the runs are interleaved (node,
+:mod:`peers` (tests/peers.py), each started fresh for each run; the runs are interleaved (node,
 dcmtk, pynetdicom, node, ...) so that a change in the machine's load touches every server
 alike. The rate is instances acknowledged per wall-clock second, from starting the
 ``storescu`` processes to the last one's exit; the median of ``--repeats`` runs is reported.
@@ -46,10 +46,12 @@ import pydicom
 from pydicom.data import get_testdata_file
 
 from dicom_node.config import default_processes
-from dicom_node.peers import HOST, DcmtkStoreSCP, NodeProcess, PeerProcess, PynetdicomStoreSCP, dcmtk_env
 
 sys.path.insert(0, str(Path(__file__).parent))
+# The real peers (Orthanc, dcmtk, the node in a subprocess) are the tests' harness, kept out of the wheel.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import write_result  # noqa: E402
+from peers import HOST, DcmtkStoreSCP, NodeProcess, PeerProcess, PynetdicomStoreSCP, dcmtk_env  # noqa: E402
 
 SERVERS = ("medclass-node", "medclass-node-1proc", "dcmtk-storescp", "pynetdicom-storescp")
 OTHER_BENCHMARKS = r"bench_[A-Za-z0-9_]+\.py"  # any other benchmark script of bench/ (not these two)
@@ -111,7 +113,7 @@ def small_checkpoint(folder: Path) -> str:
 
 
 class Server:
-    """One receiver (a :mod:`dicom_node.peers` peer), started fresh in its own folder."""
+    """One receiver (a :mod:`peers` (tests/peers.py) peer), started fresh in its own folder."""
 
     def __init__(self, kind: str, root: Path, checkpoint: str) -> None:
         self.kind = kind

@@ -36,11 +36,12 @@ import numpy as np
 import pydicom
 from pydicom.data import get_testdata_file
 
-from dicom_node.peers import HOST, Orthanc, free_port, orthanc_executable
-
 sys.path.insert(0, str(Path(__file__).parent))
+# The real peers (Orthanc, dcmtk, the node in a subprocess) are the tests' harness, kept out of the wheel.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench_node_ingest import load_average, wait_for_quiet_machine  # noqa: E402
 from common import write_result  # noqa: E402
+from peers import HOST, Orthanc, free_port, orthanc_executable  # noqa: E402
 
 IMAGES = {"CT 128x128 (CT_small.dcm)": "CT_small.dcm", "CR chest 1955x1841 (RG1_UNCI.dcm)": "RG1_UNCI.dcm"}
 

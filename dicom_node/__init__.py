@@ -4,6 +4,9 @@
 instance meets them:
 
 - :mod:`dicom_node.scp` — C-ECHO and C-STORE service class provider (pynetdicom);
+- :mod:`dicom_node.reactor` — the event-driven association loop and C-STORE fast path the SCP runs
+  on the pinned pynetdicom;
+- :mod:`dicom_node.ingest` — more processes accepting associations on the same port;
 - :mod:`dicom_node.spool` — durable instance store (the spool and quarantine files);
 - :mod:`dicom_node.jobs` — the SQLite job database: study states and their transitions, the outbox;
 - :mod:`dicom_node.assembler` — a study is complete when nothing arrived for ``stable_seconds``;
@@ -13,8 +16,11 @@ instance meets them:
 - :mod:`dicom_node.router` — triage rules (``malignant >= 0.8`` → forward to ``URGENT``);
 - :mod:`dicom_node.status` and :mod:`dicom_node.metrics` — what the administrator sees (and ``node resend``);
 - :mod:`dicom_node.tls` — the TLS contexts from ``[tls]`` (incoming and the node's own sends);
-- :mod:`dicom_node.peers` — real peers (Orthanc, dcmtk and pynetdicom storescp, the node itself)
-  in subprocesses on loopback, for the tests and benchmarks.
+- :mod:`dicom_node.config` and :mod:`dicom_node.destination` — ``node.toml`` and ``AET@HOST:PORT``;
+- :mod:`dicom_node.cli` — ``medclass node`` (``status``, ``resend``).
+
+The real peers the tests and benchmarks start (Orthanc, dcmtk and pynetdicom storescp, the
+node itself, in subprocesses on loopback) live in ``tests/peers.py``, outside the package.
 """
 
 from dicom_node.config import NodeConfig, load_config

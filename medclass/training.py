@@ -339,9 +339,4 @@ def _fit_torch(model: nn.Module, cfg: TrainConfig, task, sets: dict[str, TensorS
     return model, history
 
 
-def config_from_card(card: dict[str, Any]) -> dict[str, Any]:
-    """The training configuration recorded in a model card."""
-    return dict(card.get("training", {}).get("config", {}))
-
-
-__all__ = ["TrainConfig", "TrainResult", "augment_batch", "config_from_card", "train"]
+__all__ = ["TrainConfig", "TrainResult", "augment_batch", "train"]

@@ -184,3 +184,31 @@ def test_bad_input_gets_one_line_and_nonzero_exit(case, trained, tmp_path, mammo
     err = [line for line in r.stderr.splitlines() if line.startswith("medclass: error")]
     assert len(err) == 1, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_version_and_the_node_through_its_entry_point(capsys, tmp_path):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"medclass {version('slicer-medclass')}"
+    # medclass node is the node's own main, found through the medclass.commands entry point
+    # (the core never imports dicom_node): its errors are the node's.
+    from medclass.cli import plugin_command
+
+    assert plugin_command("node").__module__ == "dicom_node.cli"
+    assert plugin_command("no-such-command") is None
+    assert main(["node", "status", "--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert "no node database" in capsys.readouterr().err
+
+
+def test_paths_follow_medclass_home(monkeypatch, tmp_path):
+    from medclass import paths
+
+    monkeypatch.setenv("MEDCLASS_HOME", str(tmp_path))
+    assert paths.quickstart_dir() == tmp_path / "quickstart" and paths.default_checkpoint() is None
+    (tmp_path / "quickstart").mkdir()
+    (tmp_path / "quickstart" / "model.pt").write_bytes(b"")
+    assert paths.default_checkpoint() == tmp_path / "quickstart" / "model.pt"
+    monkeypatch.delenv("MEDCLASS_HOME")
+    assert paths.quickstart_dir() == Path("runs") / "quickstart"

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from peers import Orthanc, orthanc_executable
 from pydicom.data import get_testdata_file
-
-from dicom_node.peers import Orthanc, orthanc_executable
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")  # Debian's orthanc-dicomweb
 # Uncompressed US: Debian's Orthanc 1.10 answers WADO-RS for a JPEG 2000 series with HTTP 500.

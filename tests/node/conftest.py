@@ -1,5 +1,5 @@
 """Fixtures of the DICOM node tests: a small checkpoint, real DICOM files, and real peers
-(Orthanc, dcmtk, the node in a subprocess; :mod:`dicom_node.peers`) on free loopback ports,
+(Orthanc, dcmtk, the node in a subprocess; :mod:`peers` (tests/peers.py)) on free loopback ports,
 each stopped by its fixture."""
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-
-from dicom_node.peers import (
+from peers import (
     HOST,
     DcmtkStoreSCP,
     NodeProcess,
@@ -22,7 +20,8 @@ from dicom_node.peers import (
     free_port,
     orthanc_executable,
 )
-from dicom_node.peers import wait_for as wait_until
+from peers import wait_for as wait_until
+from pydicom.data import get_testdata_file
 
 __all__ = ["HOST", "copy_study", "dcmtk_env", "free_port", "needs_dcmtk", "needs_orthanc", "storescu",
            "study_state", "wait_until"]
@@ -111,7 +110,7 @@ def copy_study(paths: list[Path], out: Path) -> list[Path]:
 
 @pytest.fixture
 def orthanc_factory(tmp_path):
-    """Build Orthancs (:class:`dicom_node.peers.Orthanc`); every one is stopped at the end of the test."""
+    """Build Orthancs (:class:`peers.Orthanc`); every one is stopped at the end of the test."""
     made: list[Orthanc] = []
 
     def make(modalities: dict[str, list], start: bool = True, **kw) -> Orthanc:
@@ -148,7 +147,7 @@ def node_factory(tmp_path, checkpoint):
 
 @pytest.fixture
 def node_process(tmp_path):
-    """``medclass node`` in subprocesses (:class:`dicom_node.peers.NodeProcess`), stopped at the end."""
+    """``medclass node`` in subprocesses (:class:`peers.NodeProcess`), stopped at the end."""
     made: list[NodeProcess] = []
 
     def make(args: list[str], port: int) -> NodeProcess:
