@@ -127,6 +127,7 @@ class NodeConfig:
             raise MedClassError("stable_seconds must be >= 0", "pass --stable-seconds 10")
         if self.return_to:
             Destination.parse(self.return_to, "return_to")
+        _check_ports(self)
         # Every rule is checked here, at start, so that a mistake in node.toml is one line
         # at the command line rather than a failure at the first study.
         from dicom_node.router import ForwardRule
@@ -168,6 +169,30 @@ class NodeConfig:
         from dicom_node.ingest import default_processes
 
         return int(self.scp_processes) or default_processes()
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
+
+
+def _check_ports(cfg: NodeConfig) -> None:
+    """Port clashes that would fail at start with a traceback, or loop studies back to the node."""
+    if not int(cfg.metrics_port) <= 65535:
+        raise MedClassError(f"metrics_port {cfg.metrics_port} is out of range",
+                            "pass --metrics-port 9110 (0: no /metrics endpoint)")
+    if int(cfg.metrics_port) == int(cfg.port):
+        raise MedClassError(f"metrics_port {cfg.metrics_port} is the DICOM port: both cannot listen on it",
+                            "pass another --metrics-port (e.g. 9110), or 0 for no /metrics endpoint")
+    own = {cfg.bind.strip().lower(), *_LOOPBACK}
+    for what, text in [("return_to", cfg.return_to), *(("[[forward]] to", r.get("to")) for r in cfg.forward)]:
+        if not text:
+            continue
+        try:
+            dest = Destination.parse(text, what)
+        except MedClassError:
+            continue  # reported by the check of that setting
+        if dest.port == int(cfg.port) and dest.host.strip().lower() in own:  # any called AE title is accepted
+            raise MedClassError(f"{what} {text} is this node itself: what it sends would come back to it",
+                                "give the PACS's or workstation's AE title, host and port")
 
 
 _TLS_PATHS = ("cert", "key", "ca", "peer_ca")
@@ -213,9 +238,18 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
     if path is not None:
         p = Path(path)
         try:
-            values = tomllib.loads(p.read_text())
+            values = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise MedClassError(f"no such config file: {p}", "pass --config node.toml or leave it out") from None
+        except IsADirectoryError:
+            raise MedClassError(f"--config {p} is a folder, not a file",
+                                f"pass the TOML file in it, e.g. --config {p / 'node.toml'}") from None
+        except UnicodeDecodeError:
+            raise MedClassError(f"--config {p} is not a text file (it is binary or not UTF-8)",
+                                "pass the node's TOML file (see dicom_node/README.md)") from None
+        except OSError as e:
+            raise MedClassError(f"cannot read the config file {p} ({e.strerror or e})",
+                                "check the path and its permissions") from None
         except tomllib.TOMLDecodeError as e:
             raise MedClassError(f"{p} is not valid TOML: {e}", "fix the file (see dicom_node/README.md)") from None
         unknown = set(values) - known
