@@ -10,6 +10,7 @@ A ``node.toml`` (every key optional)::
     return_to = "ORTHANC@pacs.example.org:4242"
     stable_seconds = 10
     metrics_port = 9110                        # 0: no /metrics endpoint
+    classify_any_modality = false              # true: no [[routes]] means every series, whatever the model's card says
     scp_processes = 0                          # processes accepting associations; 0: one per core, at most 4
 
     [[allow]]                                  # no [[allow]]: any calling AE is accepted
@@ -58,10 +59,10 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "ae_title": str, "port": int, "bind": str, "data_dir": str, "checkpoint": str, "return_to": str,
     "stable_seconds": _NUMBER, "metrics_port": int, "scp_processes": int, "device": str, "batch_size": int, "max_send_attempts": int,
     "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
-    "tls": dict,
+    "tls": dict, "classify_any_modality": bool,
 }
 _TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
-                   dict: "a [table]"}[v] for k, v in _TYPES.items()}
+                   dict: "a [table]", bool: "true or false"}[v] for k, v in _TYPES.items()}
 
 _AE_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
 
@@ -114,6 +115,8 @@ class NodeConfig:
     routes: list[dict[str, str]] = field(default_factory=list)
     forward: list[dict[str, str]] = field(default_factory=list)
     tls: dict[str, Any] | None = None
+    # Without [[routes]]: classify every series, not only the modality/body part the model was trained on.
+    classify_any_modality: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title.strip()) <= 16:

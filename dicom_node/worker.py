@@ -52,7 +52,7 @@ class InferenceWorker:
         self.db = db
         self.spool = spool
         self.metrics = metrics
-        self.selector = SeriesSelector(config.routes, config.checkpoint)
+        self.selector = SeriesSelector(config.routes, config.checkpoint, config.classify_any_modality)
         self.router = StudyRouter(config.forward)
         self.outbox_dir = config.data_path / "outbox"
         self._models: dict[str, Classifier] = {}
@@ -106,10 +106,9 @@ class InferenceWorker:
             headers[inst["sop_uid"]] = ds
             series.setdefault(inst["series_uid"], SeriesInfo.from_dataset(ds))
         plan = self.selector.plan(list(series.values()))
-        if not plan:
-            desc = ", ".join(f"{s.series_uid} (modality {s.modality or '?'})" for s in series.values()) or "none"
-            self._finish(study_uid, "skipped", None, f"no model matches series {desc}; add a rule to [[routes]] in "
-                         "node.toml", [])
+        if not plan:  # the selector says why for each series (modality, body part or no rule), with a remedy
+            why = "; ".join(self.selector.skipped.values()) or "no image series to classify (see quarantine)"
+            self._finish(study_uid, "skipped", None, why, [])
             return "skipped"
         results, outbox = [], []
         revision = self.db.query("SELECT revision FROM studies WHERE study_uid=?", (study_uid,))[0]["revision"] + 1
