@@ -42,6 +42,10 @@ SUPPORTED_EXTENSIONS = DICOM_EXTENSIONS + PIL_EXTENSIONS + ITK_EXTENSIONS
 _ITK_FORMATS = {".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd",
                 ".mha": "metaimage", ".mhd": "metaimage"}
 
+#: The header fields the cross-modal models take besides the image (medclass.multimodal encodes them),
+#: and the manifest columns that carry them.
+TABULAR_FIELDS = ("age", "sex", "laterality", "view")
+
 META_KEYS = ("modality", "photometric", "patient_id", "study_uid", "series_uid", "sop_uid",
              "sop_class_uid", "body_part", "series_description", "age", "sex", "laterality",
              "view", "spacing", "format", "path")

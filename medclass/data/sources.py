@@ -27,6 +27,7 @@ import numpy as np
 
 from medclass.data.scope import scope_from_dicom
 from medclass.errors import MedClassError
+from medclass.io import TABULAR_FIELDS
 from medclass.tasks import Task
 
 # SNOMED CT codes for the class names of the built-in sets, so that a DICOM SR
@@ -238,7 +239,6 @@ def _from_folder(root: Path, task_type: str | None) -> LabelledSet:
     return _finish(root.name, samples, task)
 
 
-_TABULAR = ("age", "sex", "laterality", "view")
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -281,7 +281,7 @@ def _rows_to_set(name: str, rows: list[dict[str, str]], base: Path, task_type: s
             if not raw:
                 raise MedClassError(f"{source} line {i}: empty label", "give every row a class name")
             label = index[raw]
-        tab = {k: r[k] for k in _TABULAR if r.get(k) not in (None, "")} or None
+        tab = {k: r[k] for k in TABULAR_FIELDS if r.get(k) not in (None, "")} or None
         samples.append(Sample(r["path"], label, str(p), patient_id=r.get("patient_id") or None,
                               text=r.get("text") or None, tabular=tab))
     if missing:
