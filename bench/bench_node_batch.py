@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         # A return_to, so that the path includes queueing the SR in the outbox (nothing sends it here).
         cfg = NodeConfig(data_dir=str(work / "node"), checkpoint=checkpoint, device=a.device,
                          return_to="PACS@127.0.0.1:104",
-                         batch_size=a.batch_size)
+                         batch_size=a.batch_size, classify_any_modality=True)  # CT with any model
         db = JobDatabase(work / "node" / "node.db")
         spool = Spool(work / "node", db)
         worker = InferenceWorker(cfg, db, spool, NodeMetrics())

@@ -123,7 +123,7 @@ class Server:
             extra = ["--scp-processes", "1"] if kind == "medclass-node-1proc" else []
             self.peer: PeerProcess = NodeProcess(root, ["--checkpoint", checkpoint, "--data-dir", str(self.data),
                                                         "--stable-seconds", "3600", "--device", "cpu",
-                                                        "--ae-title", "STORESCP", *extra])
+                                                        "--ae-title", "STORESCP", "--classify-any-modality", *extra])
         elif kind == "dcmtk-storescp":
             self.peer = DcmtkStoreSCP(root, "STORESCP", fork=True)
         elif kind == "pynetdicom-storescp":

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         pacs = Orthanc(work / "orthanc", {"medclass": ["MEDCLASS", HOST, node_port]}).start()
         node = DicomNode(NodeConfig(port=node_port, bind=HOST, data_dir=str(work / "node"), checkpoint=ckpt,
                                     return_to=f"ORTHANC@{HOST}:{pacs.dicom_port}", stable_seconds=a.stable_seconds,
-                                    device="cpu")).start()
+                                    device="cpu", classify_any_modality=True)).start()  # CT with any model
         results = {}
         try:
             for kind, name in IMAGES.items():

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--scp-processes", type=int,
                    help="processes accepting associations on the port (default 0: one per CPU core, at most 4)")
+    p.add_argument("--classify-any-modality", action="store_true", default=None,
+                   help="without [[routes]], classify every series, not only the modality and body part the "
+                   "model was trained on")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -86,7 +89,7 @@ def run_main(argv: list[str]) -> int:
     cfg = load_config(a.config, ae_title=a.ae_title, port=a.port, bind=a.bind, checkpoint=a.checkpoint,
                       return_to=a.return_to, stable_seconds=a.stable_seconds, data_dir=a.data_dir,
                       metrics_port=a.metrics_port, device=a.device,
-                      scp_processes=a.scp_processes)
+                      scp_processes=a.scp_processes, classify_any_modality=a.classify_any_modality)
     if not cfg.checkpoint and not cfg.routes:
         raise MedClassError("no model to classify with", "pass --checkpoint model.pt or run 'medclass quickstart'")
     # Ctrl-C and SIGTERM (systemd, docker stop) only note the request; the main loop sees it and stops the

@@ -10,6 +10,7 @@ A ``node.toml`` (every key optional)::
     return_to = "ORTHANC@pacs.example.org:4242"
     stable_seconds = 10
     metrics_port = 9110                        # 0: no /metrics endpoint
+    classify_any_modality = false              # true: no [[routes]] means every series, whatever the model's card says
     scp_processes = 0                          # processes accepting associations; 0: one per core, at most 4
 
     [[allow]]                                  # no [[allow]]: any calling AE is accepted
@@ -61,10 +62,10 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "stable_seconds": _NUMBER, "metrics_port": int, "scp_processes": int, "device": str, "batch_size": int, "max_send_attempts": int,
     "give_up_after_hours": _NUMBER,
     "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
-    "tls": dict,
+    "tls": dict, "classify_any_modality": bool,
 }
 _TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
-                   dict: "a [table]"}[v] for k, v in _TYPES.items()}
+                   dict: "a [table]", bool: "true or false"}[v] for k, v in _TYPES.items()}
 
 @dataclass
 class NodeConfig:
@@ -89,6 +90,8 @@ class NodeConfig:
     routes: list[dict[str, str]] = field(default_factory=list)
     forward: list[dict[str, str]] = field(default_factory=list)
     tls: dict[str, Any] | None = None
+    # Without [[routes]]: classify every series, not only the modality/body part the model was trained on.
+    classify_any_modality: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title.strip()) <= 16:
@@ -102,6 +105,7 @@ class NodeConfig:
             raise MedClassError("stable_seconds must be >= 0", "pass --stable-seconds 10")
         if self.return_to:
             Destination.parse(self.return_to, "return_to")
+        _check_ports(self)
         # Every rule is checked here, at start, so that a mistake in node.toml is one line
         # at the command line rather than a failure at the first study.
         from dicom_node.router import ForwardRule
@@ -156,6 +160,30 @@ def default_processes() -> int:
     return max(1, min(4, cores))
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
+
+
+def _check_ports(cfg: NodeConfig) -> None:
+    """Port clashes that would fail at start with a traceback, or loop studies back to the node."""
+    if not int(cfg.metrics_port) <= 65535:
+        raise MedClassError(f"metrics_port {cfg.metrics_port} is out of range",
+                            "pass --metrics-port 9110 (0: no /metrics endpoint)")
+    if int(cfg.metrics_port) == int(cfg.port):
+        raise MedClassError(f"metrics_port {cfg.metrics_port} is the DICOM port: both cannot listen on it",
+                            "pass another --metrics-port (e.g. 9110), or 0 for no /metrics endpoint")
+    own = {cfg.bind.strip().lower(), *_LOOPBACK}
+    for what, text in [("return_to", cfg.return_to), *(("[[forward]] to", r.get("to")) for r in cfg.forward)]:
+        if not text:
+            continue
+        try:
+            dest = Destination.parse(text, what)
+        except MedClassError:
+            continue  # reported by the check of that setting
+        if dest.port == int(cfg.port) and dest.host.strip().lower() in own:  # any called AE title is accepted
+            raise MedClassError(f"{what} {text} is this node itself: what it sends would come back to it",
+                                "give the PACS's or workstation's AE title, host and port")
+
+
 _TLS_PATHS = ("cert", "key", "ca", "peer_ca")
 _TLS_KEYS = (*_TLS_PATHS, "send", "check_hostname")
 
@@ -191,9 +219,18 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
     if path is not None:
         p = Path(path)
         try:
-            values = tomllib.loads(p.read_text())
+            values = tomllib.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise MedClassError(f"no such config file: {p}", "pass --config node.toml or leave it out") from None
+        except IsADirectoryError:
+            raise MedClassError(f"--config {p} is a folder, not a file",
+                                f"pass the TOML file in it, e.g. --config {p / 'node.toml'}") from None
+        except UnicodeDecodeError:
+            raise MedClassError(f"--config {p} is not a text file (it is binary or not UTF-8)",
+                                "pass the node's TOML file (see dicom_node/README.md)") from None
+        except OSError as e:
+            raise MedClassError(f"cannot read the config file {p} ({e.strerror or e})",
+                                "check the path and its permissions") from None
         except tomllib.TOMLDecodeError as e:
             raise MedClassError(f"{p} is not valid TOML: {e}", "fix the file (see dicom_node/README.md)") from None
         unknown = set(values) - known

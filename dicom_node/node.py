@@ -18,6 +18,7 @@ from dicom_node.spool import Spool
 from dicom_node.tls import client_context
 from dicom_node.worker import InferenceWorker
 from medclass.checkpoint import read_card
+from medclass.errors import MedClassError
 
 log = logging.getLogger("dicom_node")
 
@@ -87,8 +88,15 @@ class DicomNode:
                 self.helpers.stop()
                 raise
         if self.config.metrics_port:
-            self.metrics_port = self.metrics.serve(self.config.metrics_port if self.config.metrics_port > 0 else 0,
-                                                   addr=self.config.bind)
+            try:
+                self.metrics_port = self.metrics.serve(self.config.metrics_port if self.config.metrics_port > 0
+                                                       else 0, addr=self.config.bind)
+            except OSError as e:  # the port is taken: one line, and nothing left listening
+                self.scp.stop()
+                if self.helpers is not None:
+                    self.helpers.stop()
+                raise MedClassError(f"cannot serve /metrics on {self.config.bind}:{self.config.metrics_port} "
+                                    f"({e.strerror or e})", "pass another --metrics-port, or 0 for none") from None
             log.info("metrics on http://%s:%d/metrics", self.config.bind, self.metrics_port)
         for name, fn, wake in (("assembler", self._assemble, self._stop), ("worker", self._work, self._wake_worker),
                                ("sender", self._send, self._wake_sender)):

@@ -365,18 +365,25 @@ class StorageSCP:
         try:
             scanned = None if ts.is_deflated else scan_header(raw, ts.is_implicit_VR, ts.is_little_endian)
             if scanned is not None:
-                study_uid, series_uid, sop_uid, modality, has_pixels = scanned
-                sop_uid = str(event.request.AffectedSOPInstanceUID or sop_uid)
-            else:  # deflated, big endian or unusual: pydicom, which also says what is wrong
+                study_uid, series_uid, own_sop_uid, modality, has_pixels = scanned
+            else:  # deflated, big endian, unusual or an empty UID: pydicom, which also says what is wrong
                 ds = event.dataset if ts.is_deflated else read_header(raw, ts.is_implicit_VR, ts.is_little_endian)
-                study_uid = str(ds.StudyInstanceUID)
-                series_uid = str(ds.SeriesInstanceUID)
-                sop_uid = str(event.request.AffectedSOPInstanceUID or ds.SOPInstanceUID)
+                study_uid = str(ds.StudyInstanceUID or "").strip()
+                series_uid = str(ds.SeriesInstanceUID or "").strip()
+                own_sop_uid = str(ds.SOPInstanceUID or "").strip()
                 modality = str(ds.get("Modality", "") or "")
                 has_pixels = any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+            sop_uid = str(event.request.AffectedSOPInstanceUID or own_sop_uid)
         except Exception as e:  # random bytes or a header without the UIDs a study needs
             reason = f"cannot parse the dataset or it lacks Study/Series/SOP Instance UID ({type(e).__name__}: {e})"
             return self._reject(data, reason, calling, "undecodable")
+        empty = [name for name, uid in (("Study", study_uid), ("Series", series_uid), ("SOP", own_sop_uid))
+                 if not uid]
+        if empty:
+            # Accepted, such an instance would be classified into a study no PACS can file, and its
+            # report refused for ever: refuse it here, where the sender sees it.
+            return self._reject(data, f"empty {' and '.join(empty)} Instance UID in the data set; the sender must "
+                                "give every instance its UIDs", calling, "empty_uid", sop_uid or None, study_uid or None)
         if not is_image_sop_class(sop_class):
             # Logged skip: the PACS's push stays successful, the object is kept for inspection.
             self._quarantine(data, f"not an image (SOP class {UID(sop_class).name}); not classified", calling,

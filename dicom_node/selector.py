@@ -3,8 +3,14 @@
 Rules come from ``[[routes]]`` in ``node.toml``; the first rule whose every given
 field matches a series wins. Fields: ``modality``, ``body_part`` (Body Part
 Examined), ``sop_class`` (UID or its name), ``series_description`` (a regular
-expression, searched), ``checkpoint``. Without rules, every image series goes to
-the default checkpoint.
+expression, searched), ``checkpoint``.
+
+Without rules, the default checkpoint classifies only the series it was trained
+for: the modality (and the body part, when the series and the model's card both
+give one) recorded in its card (:mod:`medclass.data.scope`). Other series are
+skipped with a reason. A ``[[routes]]`` rule is an explicit choice and is
+followed as written; ``classify_any_modality = true`` lifts the check for the
+default model.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydicom.uid import UID
 
+from medclass.data.scope import scope_mismatch
 from medclass.errors import MedClassError
 
 log = logging.getLogger("dicom_node.selector")
@@ -79,9 +87,13 @@ class SeriesSelector:
         ``[[routes]]`` rules (see the module docstring).
     default_checkpoint : str, optional
         For a rule without ``checkpoint``, and for every series when there are no rules.
+    classify_any_modality : bool, default False
+        Without rules, classify every image series with the default checkpoint, whatever
+        modality and body part its card says it was trained on.
     """
 
-    def __init__(self, routes: list[dict[str, str]] | None = None, default_checkpoint: str | None = None) -> None:
+    def __init__(self, routes: list[dict[str, str]] | None = None, default_checkpoint: str | None = None,
+                 classify_any_modality: bool = False) -> None:
         self.routes = []
         for r in routes or []:
             unknown = set(r) - ROUTE_KEYS
@@ -90,23 +102,58 @@ class SeriesSelector:
                                     f"use only {sorted(ROUTE_KEYS)}")
             self.routes.append(Route(**{"checkpoint": default_checkpoint, **r}))
         self.default = default_checkpoint
+        self.classify_any_modality = classify_any_modality
         if not self.routes and not self.default:
             raise MedClassError("no model to classify with",
                                 "pass --checkpoint model.pt, add [[routes]] to node.toml, or run 'medclass quickstart'")
+        self._default_card: dict[str, Any] | None = None
+        #: Why each series of the last :meth:`plan` was not selected (series UID -> reason).
+        self.skipped: dict[str, str] = {}
+
+    @property
+    def default_card(self) -> dict[str, Any]:
+        if self._default_card is None:
+            from medclass.checkpoint import read_card
+
+            self._default_card = read_card(self.default)
+        return self._default_card
+
+    def reason(self, series: SeriesInfo) -> str | None:
+        """Why ``series`` is not classified (one line with a remedy), or ``None`` when it is."""
+        if self.routes:
+            if any(r.matches(series) for r in self.routes):
+                return None
+            return (f"no model matches series {series.series_uid} (modality {series.modality or '?'}, body part "
+                    f"{series.body_part or '?'}); add a rule to [[routes]] in node.toml")
+        if self.classify_any_modality:
+            return None
+        card = self.default_card
+        why = scope_mismatch(card.get("data"), series.modality, series.body_part)
+        if why is None:
+            return None
+        model = f"{card.get('model', {}).get('name', 'the model')} ({Path(self.default).name})"
+        return (f"series {series.series_uid} {why.replace('the model', 'model ' + model, 1)}; add a [[routes]] "
+                "rule or set classify_any_modality = true")
 
     def select(self, series: SeriesInfo) -> str | None:
-        """The checkpoint for one series, or ``None`` (logged with a remedy) when no rule matches."""
-        if not self.routes:
+        """The checkpoint for one series, or ``None`` (logged with a remedy) when it is not to be classified."""
+        if self.routes:
+            for r in self.routes:
+                if r.matches(series):
+                    return r.checkpoint
+        elif self.reason(series) is None:
             return self.default
-        for r in self.routes:
-            if r.matches(series):
-                return r.checkpoint
-        log.info("no model matches series %s (modality %s, body part %s); add a rule to [[routes]] in node.toml",
-                 series.series_uid, series.modality or "?", series.body_part or "?")
+        why = self.reason(series)
+        self.skipped[series.series_uid] = why
+        log.info("%s", why)
         return None
 
     def plan(self, series: list[SeriesInfo]) -> dict[str, list[str]]:
-        """Checkpoint → series UIDs it classifies (a study may use several models)."""
+        """Checkpoint → series UIDs it classifies (a study may use several models).
+
+        The series left out, with their reasons, are in :attr:`skipped`.
+        """
+        self.skipped = {}
         out: dict[str, list[str]] = {}
         for s in series:
             ck = self.select(s)

@@ -64,7 +64,7 @@ class InferenceWorker:
         self.db = db
         self.spool = spool
         self.metrics = metrics
-        self.selector = SeriesSelector(config.routes, config.checkpoint)
+        self.selector = SeriesSelector(config.routes, config.checkpoint, config.classify_any_modality)
         self.router = StudyRouter(config.forward)
         self.outbox_dir = config.data_path / "outbox"
         self._models: dict[str, Classifier] = {}
@@ -124,10 +124,9 @@ class InferenceWorker:
             headers[inst["sop_uid"]] = ds
             series.setdefault(inst["series_uid"], SeriesInfo.from_dataset(ds))
         plan = self.selector.plan(list(series.values()))
-        if not plan:
-            desc = ", ".join(f"{s.series_uid} (modality {s.modality or '?'})" for s in series.values()) or "none"
-            self._skipped(study_uid, f"no model matches series {desc}; add a rule to [[routes]] in node.toml, then "
-                          f"'medclass node resend {study_uid}'")
+        if not plan:  # the selector says why for each series (modality, body part or no rule), with a remedy
+            why = "; ".join(self.selector.skipped.values()) or "no image series to classify (see quarantine)"
+            self._skipped(study_uid, f"{why}; then 'medclass node resend {study_uid}'")
             return "skipped"
         results, outbox, reports = [], [], []
         revision = (study["revision"] if study else 0) + 1

@@ -84,6 +84,7 @@ def _train_config(a):
         enhance=a.enhance, crop_foreground=a.crop_foreground, augment=not a.no_augment,
         channels_last=a.channels_last, compile=a.compile, max_minutes=a.max_minutes, limit=a.limit,
         aggregation=a.aggregation, progress=not a.quiet,
+        modality=a.modality, body_part=a.body_part,
     )
 
 
@@ -306,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, help="train on only this many images (smoke tests)")
     s.add_argument("--aggregation", choices=["mean", "max"], default="mean",
                    help="how a study's images combine into one result")
+    s.add_argument("--modality", help="DICOM modality of the images, e.g. MR or CR,DX (default: from the DICOM "
+                   "headers or the built-in dataset); the node classifies only such series")
+    s.add_argument("--body-part", help="DICOM Body Part Examined of the images, e.g. BRAIN (default: as --modality)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_train)
 

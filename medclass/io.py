@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,13 @@ import pydicom
 from pydicom import uid as dcm_uid
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_windowing
-from pydicom.pixels import apply_voi as apply_voi_lut  # the name apply_voi is read_image's flag
+from pydicom.pixels import apply_voi as _apply_voi_lut  # pydicom's VOI LUT Sequence step; ours is apply_voi
 
 from medclass.errors import MedClassError
 
 log = logging.getLogger(__name__)
 
-DICOM_EXTENSIONS = (".dcm", ".dicom")
+DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")  # .ima: Siemens exports
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ITK_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: Extensions :func:`read_image` understands. DICOM files may also have no
@@ -40,6 +41,10 @@ SUPPORTED_EXTENSIONS = DICOM_EXTENSIONS + PIL_EXTENSIONS + ITK_EXTENSIONS
 
 _ITK_FORMATS = {".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd",
                 ".mha": "metaimage", ".mhd": "metaimage"}
+
+#: The header fields the cross-modal models take besides the image (medclass.multimodal encodes them),
+#: and the manifest columns that carry them.
+TABULAR_FIELDS = ("age", "sex", "laterality", "view")
 
 META_KEYS = ("modality", "photometric", "patient_id", "study_uid", "series_uid", "sop_uid",
              "sop_class_uid", "body_part", "series_description", "age", "sex", "laterality",
@@ -105,6 +110,22 @@ def is_image_file(path: str | os.PathLike) -> bool:
     if _extension(p) in SUPPORTED_EXTENSIONS:
         return True
     return _has_dicom_preamble(p)
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DICOM file: a DICOM extension, or the preamble (128 bytes, then ``DICM``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file.
+
+    Returns
+    -------
+    bool
+    """
+    p = Path(path)
+    return _extension(p) in DICOM_EXTENSIONS or _has_dicom_preamble(p)
 
 
 def read_image(path: str | os.PathLike, *, apply_voi: bool = True) -> ImageData:
@@ -205,15 +226,12 @@ def read_dicom_dataset(ds: pydicom.Dataset, *, apply_voi: bool = True, name: str
         try:
             arr = apply_modality_lut(arr, ds)
             lo, hi = _value_range(ds)
-            if apply_voi and ds.get("VOILUTSequence"):
-                arr = apply_voi_lut(arr, ds)
-                voi, lo, hi = "lut", 0, 2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1
-            elif apply_voi and "WindowCenter" in ds and "WindowWidth" in ds:
-                arr = apply_windowing(arr, ds)
-                voi = "window"
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-            raise MedClassError(f"{name}: invalid Modality/VOI LUT or window in the header ({e})",
-                                "fix the header, or read with apply_voi=False") from e
+            raise MedClassError(f"{name}: invalid Modality LUT or rescale in the header ({e})",
+                                "fix the header (Modality LUT Sequence, Rescale Slope/Intercept)") from e
+        if apply_voi:
+            arr, voi, out_range = _apply_voi(arr, ds, name)
+            lo, hi = out_range or (lo, hi)
         if photometric == "MONOCHROME1":
             # Reflect within the value range the header defines (not the image's
             # own min/max), so that equal stored values stay equal across images.
@@ -230,6 +248,157 @@ def read_dicom_dataset(ds: pydicom.Dataset, *, apply_voi: bool = True, name: str
     meta = dicom_meta(ds, header_pi, frames)
     meta.update(format="dicom", path=getattr(ds, "filename", None) or name, voi_applied=voi)
     return ImageData(arr, meta)
+
+
+VOI_LUT_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
+def apply_voi(arr: np.ndarray, ds: pydicom.Dataset) -> tuple[np.ndarray, str | None]:
+    """Apply the header's VOI to modality values, falling back as viewers do.
+
+    The order is: the first VOI LUT Sequence item the header fully describes
+    (LUT Descriptor of three values, 8 or 10-16 bits per entry, LUT Data with
+    as many entries as the descriptor says), else the first window whose centre
+    and width are numbers and whose width the VOI LUT Function allows (>= 1 for
+    LINEAR, > 0 for LINEAR_EXACT and SIGMOID), else nothing: the pixel range,
+    which the intensity normalisation maps as a viewer's "full dynamic" window
+    would. A window of ``0`` (often written for "no window"), a missing centre
+    or width, centres and widths of different counts, an unknown VOI LUT
+    Function (read as LINEAR) and a truncated VOI LUT therefore never make an
+    image unreadable.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        Modality values (after :func:`pydicom.pixels.apply_modality_lut`) of a
+        MONOCHROME image, any shape (one frame, frames, or a volume).
+    ds : pydicom.Dataset
+        The image's header; it is not changed.
+
+    Returns
+    -------
+    (numpy.ndarray, str or None)
+        The values and how: ``"lut"``, ``"window"``, or ``None`` (no usable
+        VOI: the values unchanged, i.e. the pixel range).
+    """
+    out, how, _ = _apply_voi(arr, ds, None)
+    return out, how
+
+
+def _apply_voi(arr: np.ndarray, ds: pydicom.Dataset,
+               name: str | None) -> tuple[np.ndarray, str | None, tuple[float, float] | None]:
+    """:func:`apply_voi`, plus the output range (for MONOCHROME1 inversion)."""
+    name = name or f"SOP instance {ds.get('SOPInstanceUID', '?')}"
+    problems = []
+    for index, item in _voi_lut_items(ds, problems):
+        lut = pydicom.Dataset()  # only what pydicom's apply_voi reads, so ds stays untouched
+        lut.VOILUTSequence = [item]
+        if getattr(ds, "file_meta", None) is not None:
+            lut.file_meta = ds.file_meta  # OW LUT Data is read in the file's byte order
+        implicit, little = getattr(ds, "original_encoding", (None, None))
+        lut.set_original_encoding(implicit, True if little is None else little)
+        values = arr
+        if not np.issubdtype(np.asarray(arr).dtype, np.integer):
+            values = np.rint(arr).astype(np.int64)  # a LUT is indexed by integers
+        try:
+            out = _apply_voi_lut(values, lut)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, struct.error) as e:
+            problems.append(f"VOI LUT item {index + 1}: {e}")
+            continue
+        return out, "lut", (0.0, float(2 ** int(item.LUTDescriptor[2]) - 1))
+    for index, (center, width) in enumerate(_windows(ds, problems)):
+        win = _window_dataset(ds, center, width)
+        try:
+            out = apply_windowing(arr, win)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            problems.append(f"window {index + 1} (centre {center:g}, width {width:g}): {e}")
+            continue
+        return out, "window", None
+    if problems:
+        # debug, not warning: a series repeats its header on every slice, and
+        # "no window" is a normal thing for a header to say.
+        log.debug("%s: no usable VOI LUT or window (%s); using the pixel range", name, "; ".join(problems))
+    return arr, None, None
+
+
+def _voi_lut_items(ds: pydicom.Dataset, problems: list[str]):
+    """(index, item) of the VOI LUT Sequence items the header fully describes."""
+    try:
+        items = list(ds.get("VOILUTSequence") or [])
+    except Exception as e:  # a damaged sequence is one more thing to fall back from
+        problems.append(f"VOI LUT Sequence: {e}")
+        return
+    for index, item in enumerate(items):
+        try:
+            desc = [int(v) for v in item.LUTDescriptor]
+            data = item.get("LUTData")
+            if len(desc) != 3 or data is None:
+                raise ValueError("LUT Descriptor or LUT Data missing")
+            entries = desc[0] or 2**16
+            if not (desc[2] == 8 or 10 <= desc[2] <= 16):
+                raise ValueError(f"{desc[2]} bits per entry")
+            n = len(data) // 2 if isinstance(data, bytes) else len(data) if hasattr(data, "__len__") else 1
+            if n < entries:
+                raise ValueError(f"{n} LUT Data entries, the descriptor says {entries}")
+        except (AttributeError, TypeError, ValueError, KeyError) as e:
+            problems.append(f"VOI LUT item {index + 1}: {e}")
+            continue
+        yield index, item
+
+
+def _windows(ds: pydicom.Dataset, problems: list[str]):
+    """(centre, width) pairs of the header's windows, in order, numbers only."""
+
+    def values(keyword: str) -> list[float]:
+        try:
+            v = ds.get(keyword)
+        except Exception as e:  # an unparsable DS value
+            problems.append(f"{keyword}: {e}")
+            return []
+        if v is None or v == "":
+            return []
+        out = []
+        for x in (v if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else [v]):
+            try:
+                out.append(float(x))
+            except (TypeError, ValueError):
+                out.append(float("nan"))
+        return out
+
+    centers, widths = values("WindowCenter"), values("WindowWidth")
+    if not centers or not widths:
+        if centers or widths:
+            problems.append("Window Center without Window Width, or the reverse")
+        return
+    if len(centers) != len(widths) and 1 not in (len(centers), len(widths)):
+        problems.append(f"{len(centers)} window centres but {len(widths)} widths; pairing them in order")
+    n = max(len(centers), len(widths)) if 1 in (len(centers), len(widths)) else min(len(centers), len(widths))
+    for i in range(n):
+        c, w = centers[min(i, len(centers) - 1)], widths[min(i, len(widths) - 1)]
+        if np.isfinite(c) and np.isfinite(w):
+            yield c, w
+        else:
+            problems.append(f"window {i + 1} is not a number")
+
+
+def _window_dataset(ds: pydicom.Dataset, center: float, width: float) -> pydicom.Dataset:
+    """A dataset holding one window and what pydicom's apply_windowing reads, so ds stays untouched."""
+    win = pydicom.Dataset()
+    for keyword in ("PhotometricInterpretation", "BitsStored", "PixelRepresentation", "RescaleSlope",
+                    "RescaleIntercept", "ModalityLUTSequence"):
+        if keyword in ds:
+            win[keyword] = ds[keyword]
+    if "BitsStored" not in win:
+        win.BitsStored = int(ds.get("BitsAllocated", 16))
+    win.PixelRepresentation = int(ds.get("PixelRepresentation", 0))
+    if str(win.get("PhotometricInterpretation", "")).strip().upper() not in ("MONOCHROME1", "MONOCHROME2"):
+        win.PhotometricInterpretation = "MONOCHROME2"
+    function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+    win.VOILUTFunction = function if function in VOI_LUT_FUNCTIONS else "LINEAR"  # as viewers read it
+    # FD, not DS: a computed float need not fit DS's 16 characters
+    win.add_new("WindowCenter", "FD", center)
+    win.add_new("WindowWidth", "FD", width)
+    return win
 
 
 def read_series(folder: str | os.PathLike, *, apply_voi: bool = True) -> ImageData:

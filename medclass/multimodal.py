@@ -15,15 +15,15 @@ from typing import Any, Iterable
 
 import torch
 
-TABULAR_FIELDS = ("age", "sex", "laterality", "view")
+from medclass.io import TABULAR_FIELDS, parse_age
+
+__all__ = ["TABULAR_FIELDS", "encode_tabular", "tokenize"]
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 _SEX = {"M": 1.0, "F": 0.0}
 _LATERALITY = {"L": 0.0, "R": 1.0}
 # Frontal-ish views (mammography CC, radiography AP) vs oblique/posterior ones (MLO, PA).
 _VIEW = {"CC": 0.0, "AP": 0.0, "MLO": 1.0, "PA": 1.0}
-# DICOM Age String units (PS3.5 VR AS), in years.
-_AGE_UNITS = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
 
 
 def tokenize(texts: Iterable[str | None], max_len: int = 128, buckets: int = 2**15) -> torch.Tensor:
@@ -62,11 +62,8 @@ def _age_years(value: Any) -> float:
         return math.nan
     if isinstance(value, (int, float)):
         return float(value)
-    s = str(value).strip().upper()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([YMWD]?)", s)
-    if not m:
-        return math.nan
-    return float(m.group(1)) * _AGE_UNITS.get(m.group(2) or "Y", 1.0)
+    years = parse_age(str(value))  # a DICOM Age String ("045Y"), or years as text
+    return math.nan if years is None else years
 
 
 def _code(value: Any, table: dict[str, float]) -> float:

@@ -137,6 +137,7 @@ def build_classification_sr(
     """
     if not source_datasets:
         raise ValueError("a classification SR needs at least one source image; pass the classified datasets")
+    source_datasets = _with_type2_patient_and_study(source_datasets)
     studies = {str(ds.StudyInstanceUID) for ds in source_datasets}
     if len(studies) != 1:
         raise ValueError(f"the source images belong to {len(studies)} studies; build one SR per study")
@@ -199,6 +200,54 @@ def build_classification_sr(
     scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
     sr.CodingSchemeIdentificationSequence = [scheme]
     return sr
+
+
+#: Type 2 attributes of the Patient and General Study modules that highdicom reads from the first
+#: source image: anonymised and exported data often lack them, and the report must still be built.
+TYPE2_PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                           "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _with_type2_patient_and_study(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """The datasets, the first replaced by a copy with empty Type 2 values where it has none.
+
+    highdicom reads these attributes of the first source image as Python attributes
+    (``AttributeError`` when absent) and validates sex, date and time (``ValueError``
+    on a value such as ``2023-01-01``). A Type 2 attribute may be empty (PS3.5 7.4),
+    so an absent or unusable value becomes an empty one; the caller's datasets are
+    not changed.
+    """
+    from pydicom.valuerep import DA, TM
+
+    first = datasets[0]
+    fixes: dict[str, None] = {}
+    for keyword in TYPE2_PATIENT_AND_STUDY:
+        if keyword not in first:
+            fixes[keyword] = None
+            continue
+        value = first.get(keyword)
+        if value in (None, ""):
+            continue
+        try:
+            if keyword == "PatientSex" and str(value).strip().upper() not in ("M", "F", "O"):
+                raise ValueError("not M, F or O")
+            if keyword in ("PatientBirthDate", "StudyDate"):
+                DA(value)
+            elif keyword == "StudyTime":
+                TM(value)
+        except (ValueError, TypeError):
+            fixes[keyword] = None  # unusable; the value itself (patient data) is not logged
+    if not fixes:
+        return list(datasets)
+    copy = pydicom.Dataset()
+    copy.update(first)  # a new element dict: setting values below leaves the caller's dataset alone
+    if getattr(first, "file_meta", None) is not None:
+        copy.file_meta = first.file_meta
+    for keyword, value in fixes.items():
+        if keyword in copy:
+            del copy[keyword]  # the element object is shared with the caller's dataset: replace, not change
+        setattr(copy, keyword, value)
+    return [copy, *list(datasets)[1:]]
 
 
 def _comprehensive_3d_sr(evidence, report, series_instance_uid, series_number, sop_instance_uid, instance_number,

@@ -26,6 +26,7 @@ from torch import nn
 
 from medclass.checkpoint import LoadedModel, make_card, resolve_device, save_checkpoint
 from medclass.data import LabelledSet, TensorSet, load_dataset, materialize, split_samples
+from medclass.data.scope import codes
 from medclass.errors import MedClassError
 from medclass.inference import autocast, forward_probabilities
 from medclass.models import count_parameters, create_model, model_info
@@ -62,6 +63,10 @@ class TrainConfig:
     max_minutes: float | None = None  # stop after this many minutes (keeps the best epoch)
     limit: int | None = None  # use only this many training images (smoke tests)
     aggregation: str = "mean"
+    # What the images are (DICOM codes, e.g. "MR" / "BRAIN", "CR,DX" / "CHEST"), when the data does not say
+    # or says it wrongly; recorded in the card so that the node classifies only such series.
+    modality: str | None = None
+    body_part: str | None = None
     progress: bool = True
     model_args: dict[str, Any] = field(default_factory=dict)
 
@@ -181,6 +186,7 @@ def train(cfg: TrainConfig, ds: LabelledSet | None = None,
         "split_seed": cfg.seed, "n_train": len(train_set), "n_val": len(sets["val"]), "n_test": len(sets["test"]),
         "val_keys": sets["val"].keys, "test_keys": sets["test"].keys,
         "skipped": sum(len(s.skipped) for s in sets.values()),
+        "modality": codes(cfg.modality) or ds.modality, "body_part": codes(cfg.body_part) or ds.body_part,
     }
     model = create_model(cfg.model, **model_args)
     history: list[dict[str, float]] = []

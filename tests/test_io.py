@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from medclass.errors import MedClassError
 from medclass.io import (
     SUPPORTED_EXTENSIONS,
     ImageData,
+    apply_voi,
+    is_dicom_file,
     is_image_file,
     parse_age,
     read_dicom_dataset,
@@ -103,8 +106,8 @@ def test_deid_ultrasound_cine_and_rgb():
 def test_monochrome1_is_inverted():
     ds = pydicom.dcmread(dcm("RG1_UNCR.dcm"))
     raw = ds.pixel_array.astype(np.float64)[::8, ::8]
-    for apply_voi in (False, True):
-        out = read_image(dcm("RG1_UNCR.dcm"), apply_voi=apply_voi).array[0, ::8, ::8]
+    for voi in (False, True):
+        out = read_image(dcm("RG1_UNCR.dcm"), apply_voi=voi).array[0, ::8, ::8]
         # MONOCHROME1: high stored values are dark, so ours must fall as they rise.
         assert np.corrcoef(raw.ravel(), out.ravel())[0, 1] < -0.9
     mono2 = read_image(dcm("CT_small.dcm")).array[0]
@@ -320,7 +323,7 @@ def test_no_pixel_data():
 def test_is_image_file(tmp_path):
     for name in ("IM0001", "1.2.840.113619.2.55.3"):  # DICOM named without an extension, or by UID
         shutil.copy(dcm("CT_small.dcm"), tmp_path / name)
-        assert is_image_file(tmp_path / name)
+        assert is_image_file(tmp_path / name) and is_dicom_file(tmp_path / name)
         assert read_image(tmp_path / name).array.shape == (1, 128, 128)
     (tmp_path / "README.txt").write_text("not an image")
     (tmp_path / "noise").write_bytes(np.random.default_rng(1).bytes(500))
@@ -328,6 +331,7 @@ def test_is_image_file(tmp_path):
     assert not is_image_file(tmp_path / "README.txt")
     assert not is_image_file(tmp_path / "noise")
     assert not is_image_file(tmp_path / ".DS_Store")
+    assert not is_dicom_file(tmp_path / "README.txt") and is_dicom_file(tmp_path / "scan.IMA")
     for ext in SUPPORTED_EXTENSIONS:
         assert is_image_file(tmp_path / f"x{ext.upper()}")
 
@@ -338,3 +342,125 @@ def test_parse_age():
     assert parse_age("010D") == pytest.approx(10 / 365.25)
     assert parse_age("003W") == pytest.approx(3 / 52.1775)
     assert parse_age(None) is None and parse_age("") is None and parse_age("old") is None
+
+
+# --------------------------------------------------------------------------- VOI fallback
+#
+# Real files with the header changed the way real-world files get it wrong. A
+# viewer shows such an image with the next usable VOI (a VOI LUT it fully
+# describes, else the first valid window, else the pixel range); so must we,
+# without an error and with the same values as the fallback it lands on.
+
+
+def _no_voi(ds: pydicom.Dataset) -> None:
+    for keyword in ("WindowCenter", "WindowWidth", "VOILUTSequence", "VOILUTFunction"):
+        if keyword in ds:
+            delattr(ds, keyword)
+
+
+def _truncate_lut(ds: pydicom.Dataset) -> None:
+    ds.VOILUTSequence[0].LUTData = ds.VOILUTSequence[0].LUTData[:10]  # descriptor still says 256
+
+
+# id: (file, change to its header, what the fallback must land on)
+VOI_VARIANTS = {
+    "window width 0": ("MR_small.dcm", lambda d: setattr(d, "WindowWidth", 0), None),
+    "every width of a multi-valued window 0": (
+        "MR_small.dcm", lambda d: (setattr(d, "WindowCenter", [600, 300]), setattr(d, "WindowWidth", [0, 0])), None),
+    "window width 0 on a MONOCHROME1 CR": ("RG1_UNCR.dcm", lambda d: setattr(d, "WindowWidth", 0), None),
+    "window centre without width": ("MR_small.dcm", lambda d: delattr(d, "WindowWidth"), None),
+    "window width without centre": ("MR_small.dcm", lambda d: delattr(d, "WindowCenter"), None),
+    "empty window values": (
+        "MR_small.dcm", lambda d: (setattr(d, "WindowCenter", None), setattr(d, "WindowWidth", None)), None),
+    "VOI LUT with fewer entries than its descriptor": ("vlut_04.dcm", _truncate_lut, None),
+    "VOI LUT without a descriptor": ("vlut_04.dcm", lambda d: delattr(d.VOILUTSequence[0], "LUTDescriptor"), None),
+    "VOI LUT of 32 bits per entry": (
+        "vlut_04.dcm", lambda d: setattr(d.VOILUTSequence[0], "LUTDescriptor", [256, 0, 32]), None),
+    # A usable window after an unusable one is the window a viewer shows.
+    "first window width 0, second valid": (
+        "MR_small.dcm", lambda d: (setattr(d, "WindowCenter", [600, 600]), setattr(d, "WindowWidth", [0, 1600])),
+        "window"),
+    "three centres, two widths": (
+        "MR_small.dcm", lambda d: (setattr(d, "WindowCenter", [600, 300, 10]), setattr(d, "WindowWidth", [1600, 10])),
+        "window"),
+    "unknown VOI LUT Function, read as LINEAR": ("MR_small.dcm", lambda d: setattr(d, "VOILUTFunction", "GAMMA"),
+                                                 "window"),
+}
+
+
+def _voi_variant(tmp_path: Path, key: str) -> tuple[Path, Path, Path]:
+    """(the changed file, the same file without any VOI, the original file)."""
+    name, change, _ = VOI_VARIANTS[key]
+    ds = pydicom.dcmread(dcm(name))
+    change(ds)
+    changed = tmp_path / f"changed-{name}"
+    ds.save_as(changed)
+    ds = pydicom.dcmread(dcm(name))
+    _no_voi(ds)
+    plain = tmp_path / f"no-voi-{name}"
+    ds.save_as(plain)
+    return changed, plain, Path(dcm(name))
+
+
+@pytest.mark.parametrize("key", list(VOI_VARIANTS))
+def test_unusable_voi_falls_back_as_viewers_do(tmp_path, key):
+    changed, plain, original = _voi_variant(tmp_path, key)
+    expected_how = VOI_VARIANTS[key][2]
+
+    img = read_image(changed)
+
+    assert img.meta["voi_applied"] == expected_how
+    fallback = read_image(original) if expected_how == "window" else read_image(plain)
+    np.testing.assert_array_equal(img.array, fallback.array)
+    if expected_how is None:
+        # The pixel range is the values as the Modality LUT gives them (MONOCHROME1 inverted).
+        np.testing.assert_array_equal(img.array, read_image(changed, apply_voi=False).array)
+
+
+def test_a_valid_window_behind_a_broken_voi_lut_is_used(tmp_path):
+    ds = pydicom.dcmread(dcm("vlut_04.dcm"))
+    _truncate_lut(ds)
+    ds.WindowCenter, ds.WindowWidth = 100, 50
+    ds.save_as(tmp_path / "x.dcm")
+    img = read_image(tmp_path / "x.dcm")
+    assert img.meta["voi_applied"] == "window"
+    raw = pydicom.dcmread(tmp_path / "x.dcm")
+    np.testing.assert_allclose(img.array[0], apply_windowing(apply_modality_lut(raw.pixel_array, raw), raw))
+
+
+def test_apply_voi_is_public_shape_agnostic_and_leaves_the_header_alone():
+    ds = pydicom.dcmread(dcm("MR_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth = [600, 600], [0, 1600]
+    before = ds.to_json_dict()
+    values = apply_modality_lut(ds.pixel_array, ds)
+    volume = np.stack([values, values])  # (D, H, W), as the Slicer module holds it
+
+    out, how = apply_voi(volume, ds)
+
+    assert how == "window" and out.shape == volume.shape
+    single = pydicom.dcmread(dcm("MR_small.dcm"))  # 600/1600: the window it fell back to
+    np.testing.assert_allclose(out[1], apply_windowing(values, single))
+    assert ds.to_json_dict() == before
+    ds.WindowWidth = 0
+    out, how = apply_voi(values, ds)
+    assert how is None and out is values
+
+
+def test_predict_gives_the_pixel_range_probabilities_for_unusable_voi(trained, tmp_path, capsys):
+    from medclass.cli import main
+
+    keys = [k for k, v in VOI_VARIANTS.items() if v[2] is None]
+    pairs = []
+    for i, key in enumerate(keys):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        changed, plain, _ = _voi_variant(folder, key)
+        pairs.append((str(changed), str(plain)))
+
+    assert main(["predict", "--checkpoint", str(trained / "model.pt"), *[p for pair in pairs for p in pair]]) == 0
+
+    rows = {r["path"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    for key, (changed, plain) in zip(keys, pairs):
+        assert "error" not in rows[changed], key
+        for name, p in rows[plain]["probabilities"].items():
+            assert rows[changed]["probabilities"][name] == pytest.approx(p, abs=1e-6), key

@@ -102,17 +102,6 @@ def spacing_in_array_order(volume_node, two_d: bool) -> tuple[float, ...]:
 # --------------------------------------------------------------------------- DICOM header
 
 
-def _is_dicom_file(path: Path) -> bool:
-    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
 def dicom_source_files(volume_node, file_for_instance: Callable[[str], str] | None = None) -> list[Path]:
     """The DICOM files a volume was read from, when they can be found.
 
@@ -124,6 +113,8 @@ def dicom_source_files(volume_node, file_for_instance: Callable[[str], str] | No
         used for volumes loaded through the DICOM module, which records the
         instance UIDs in the ``DICOM.instanceUIDs`` attribute.
     """
+    from medclass.io import is_dicom_file  # the reader's own rule: extension or DICM preamble
+
     out: list[Path] = []
     uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
     if uids and file_for_instance is not None:
@@ -138,7 +129,7 @@ def dicom_source_files(volume_node, file_for_instance: Callable[[str], str] | No
     storage = volume_node.GetStorageNode()
     if not out and storage is not None:
         name = storage.GetFileName()
-        if name and Path(name).is_file() and _is_dicom_file(Path(name)):
+        if name and Path(name).is_file() and is_dicom_file(name):
             out.append(Path(name))
     return [p for p in out if p.is_file()]
 
@@ -158,7 +149,11 @@ def read_dicom_header(volume_node, file_for_instance: Callable[[str], str] | Non
 
 
 def apply_dicom_voi(arr: np.ndarray, ds) -> tuple[np.ndarray, str | None]:
-    """Apply the header's VOI LUT or window to modality values, as medclass's reader does.
+    """Apply the header's VOI to modality values with :func:`medclass.io.apply_voi`.
+
+    The same rule as every other front door: a VOI LUT the header fully
+    describes, else the first valid window, else the pixel range (a window
+    width of 0, a missing or broken window or LUT never fails).
 
     Only for MONOCHROME2: Slicer's reader has already inverted MONOCHROME1
     images, whose header window no longer applies to the inverted values; they
@@ -169,19 +164,13 @@ def apply_dicom_voi(arr: np.ndarray, ds) -> tuple[np.ndarray, str | None]:
     (numpy.ndarray, str or None)
         The values and ``"lut"``, ``"window"`` or ``None`` (nothing applied).
     """
-    from pydicom.pixels import apply_voi, apply_windowing
+    from medclass.io import apply_voi
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     if photometric != "MONOCHROME2":
         return arr, None
-    try:
-        if ds.get("VOILUTSequence"):
-            return np.asarray(apply_voi(arr, ds), dtype=np.float32), "lut"
-        if "WindowCenter" in ds and "WindowWidth" in ds:
-            return np.asarray(apply_windowing(arr, ds), dtype=np.float32), "window"
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        log.warning("invalid VOI LUT or window in the DICOM header (%s); classifying modality values", e)
-    return arr, None
+    out, how = apply_voi(arr, ds)
+    return (np.asarray(out, dtype=np.float32), how) if how else (arr, None)
 
 
 def dicom_meta(ds, frames: int) -> dict[str, Any]:

@@ -25,7 +25,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from medclass.data.scope import scope_from_dicom
 from medclass.errors import MedClassError
+from medclass.io import TABULAR_FIELDS
 from medclass.tasks import Task
 
 # SNOMED CT codes for the class names of the built-in sets, so that a DICOM SR
@@ -69,6 +71,9 @@ class LabelledSet:
     fingerprint: str
     class_codes: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     description: str = ""
+    #: DICOM Modality and Body Part Examined codes of the images (``None``: unknown); see medclass.data.scope.
+    modality: list[str] | None = None
+    body_part: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -107,7 +112,7 @@ def _br35h() -> LabelledSet:
     for label, folder in enumerate(("no", "yes")):
         for p in sorted((root / folder).glob("*.jp*g")):
             samples.append(Sample(f"{folder}/{p.name}", label, str(p)))
-    return _finish("br35h", samples, Task("binary", classes))
+    return _finish("br35h", samples, Task("binary", classes), modality=["MR"], body_part=["BRAIN"])
 
 
 _PNEUMONIA_ID = re.compile(r"^(person\d+|NORMAL\d*-IM-\d+)", re.IGNORECASE)
@@ -121,7 +126,8 @@ def _chest_pneumonia() -> LabelledSet:
         label = 0 if p.name.upper().startswith("NORMAL") else 1
         m = _PNEUMONIA_ID.match(p.name)
         samples.append(Sample(p.name, label, str(p), patient_id=m.group(1) if m else None))
-    return _finish("chest-pneumonia", samples, Task("binary", ["normal", "pneumonia"]))
+    return _finish("chest-pneumonia", samples, Task("binary", ["normal", "pneumonia"]), modality=["CR", "DX"],
+                   body_part=["CHEST"])
 
 
 def _cbis_mammo() -> LabelledSet:
@@ -130,7 +136,8 @@ def _cbis_mammo() -> LabelledSet:
     for label, case in enumerate(("sfm-benign-0", "sfm-malign-0")):
         for p in sorted((root / case).glob("*.dcm")):
             samples.append(Sample(f"{case}/{p.name}", label, str(p), patient_id=case))
-    return _finish("cbis-mammo", samples, Task("binary", ["benign", "malignant"]))
+    return _finish("cbis-mammo", samples, Task("binary", ["benign", "malignant"]), modality=["MG"],
+                   body_part=["BREAST"])
 
 
 @dataclass(frozen=True)
@@ -178,11 +185,14 @@ def list_datasets() -> list[dict[str, Any]]:
 # --- user data ---------------------------------------------------------------------------------
 
 
-def _finish(name: str, samples: list[Sample], task: Task, description: str = "") -> LabelledSet:
+def _finish(name: str, samples: list[Sample], task: Task, description: str = "", *,
+            modality: list[str] | None = None, body_part: list[str] | None = None) -> LabelledSet:
     if not samples:
         raise MedClassError(f"dataset {name} has no images", "check the folder or manifest")
     fp = _fingerprint([(s.key, s.label) for s in samples])
-    return LabelledSet(name, samples, task, fp, _codes(task.classes), description)
+    if modality is None:  # user data: what the DICOM headers say, if every image is DICOM
+        modality, body_part = scope_from_dicom(s.path for s in samples)
+    return LabelledSet(name, samples, task, fp, _codes(task.classes), description, modality, body_part)
 
 
 def _infer_task(classes: list[str], task_type: str | None, multilabel: bool) -> Task:
@@ -229,7 +239,6 @@ def _from_folder(root: Path, task_type: str | None) -> LabelledSet:
     return _finish(root.name, samples, task)
 
 
-_TABULAR = ("age", "sex", "laterality", "view")
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -272,7 +281,7 @@ def _rows_to_set(name: str, rows: list[dict[str, str]], base: Path, task_type: s
             if not raw:
                 raise MedClassError(f"{source} line {i}: empty label", "give every row a class name")
             label = index[raw]
-        tab = {k: r[k] for k in _TABULAR if r.get(k) not in (None, "")} or None
+        tab = {k: r[k] for k in TABULAR_FIELDS if r.get(k) not in (None, "")} or None
         samples.append(Sample(r["path"], label, str(p), patient_id=r.get("patient_id") or None,
                               text=r.get("text") or None, tabular=tab))
     if missing:
@@ -335,6 +344,15 @@ MEDMNIST_CLASSES = {
 }
 
 
+# What the MedMNIST sets of this project's case studies are images of (modality, body part).
+MEDMNIST_SCOPE = {
+    "breastmnist": (["US"], ["BREAST"]),
+    "pneumoniamnist": (["CR", "DX"], ["CHEST"]),
+    "chestmnist": (["CR", "DX"], ["CHEST"]),
+    "retinamnist": (["OP"], ["EYE"]),
+}
+
+
 def _from_npz(path: Path, task_type: str | None) -> LabelledSet:
     try:
         z = np.load(path)
@@ -361,7 +379,8 @@ def _from_npz(path: Path, task_type: str | None) -> LabelledSet:
         for i in range(len(imgs)):
             label = [int(v) for v in labs[i]] if multilabel else int(labs[i].reshape(-1)[0])
             samples.append(Sample(f"npz:{s}:{i}", label, None, array=imgs[i], split=s))
-    return _finish(path.stem, samples, task)
+    modality, body_part = MEDMNIST_SCOPE.get(stem, (None, None))
+    return _finish(path.stem, samples, task, modality=modality, body_part=body_part)
 
 
 def load_dataset(spec: str, task_type: str | None = None) -> LabelledSet:

@@ -241,7 +241,8 @@ def test_kill_9_mid_study_loses_nothing_and_the_sr_arrives_once(node_process, or
     pacs = orthanc_factory({"medclass": ["MEDCLASS", HOST, node_port]})
     data = tmp_path / "data"
     args = ["--checkpoint", str(checkpoint), "--data-dir", str(data),
-            "--return-to", f"ORTHANC@{HOST}:{pacs.dicom_port}", "--stable-seconds", "4", "--device", "cpu"]
+            "--return-to", f"ORTHANC@{HOST}:{pacs.dicom_port}", "--stable-seconds", "4", "--device", "cpu",
+            "--classify-any-modality"]  # a chest X-ray model given CT
     study = copy_study(ct_study, tmp_path / "study")
     node = node_process(args, node_port).start()
     assert storescu(node_port, study[:2]).returncode == 0  # acknowledged ...

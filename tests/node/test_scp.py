@@ -4,6 +4,7 @@ received bytes, and the few elements it reads from them."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -67,13 +68,23 @@ def _dataset_bytes(path: str) -> tuple[bytes, pydicom.uid.UID] | None:
     return data[pos:], ts
 
 
-def test_scan_header_agrees_with_pydicom_on_every_real_file_it_reads():
-    from pydicom.data import get_testdata_files
+def _installed_test_files() -> list[Path]:
+    """pydicom's own test files and pydicom-data's, from disk (``get_testdata_files('*.dcm')``
+    would also try to download the ones not installed)."""
+    from pydicom.data import data_manager
 
+    roots = [Path(data_manager.DATA_ROOT) / "test_files"]
+    roots += [Path(src.data_path) for src in data_manager.external_data_sources().values()]
+    return sorted(p for root in roots for p in root.rglob("*.dcm"))
+
+
+def test_scan_header_agrees_with_pydicom_on_every_real_file_it_reads():
     from dicom_node.scp import scan_header
 
     scanned = 0
-    for path in get_testdata_files("*.dcm"):
+    files = _installed_test_files()
+    assert len(files) > 100, "pydicom's and pydicom-data's test files are installed"
+    for path in files:
         item = _dataset_bytes(path)
         if item is None:
             continue

@@ -119,6 +119,27 @@ def test_dicom_window_is_applied_as_medclass_applies_it(scene, logic, checkpoint
     np.testing.assert_array_equal(raw.array[0], pydicom.dcmread(path).pixel_array.astype(np.float32))
 
 
+@pytest.mark.parametrize("width, how", [(0, None), ([0, 1600], "window")], ids=["width-0", "first-width-0"])
+def test_dicom_with_an_unusable_window_falls_back_as_medclass_does(scene, logic, checkpoint, classifier, tmp_path,
+                                                                  width, how):
+    # medclass.io.apply_voi is the one rule: a width of 0 means the pixel range, a
+    # second valid window is used; the Slicer volume path must agree with predict.
+    import pydicom
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth = ([600, 600], width) if isinstance(width, list) else (600, width)
+    path = tmp_path / "MR_small_window.dcm"
+    ds.save_as(path)
+    volume = load_with_slicer_reader(scene, path)
+
+    image = logic.image_from_volume(volume)
+
+    assert image.meta["voi_applied"] == how
+    np.testing.assert_allclose(image.array, classifier.read(path).array, atol=1e-3)
+    result = logic.classify(volume, checkpoint)
+    assert_same_probabilities(result, classifier.predict_paths([path])[0].probabilities)
+
+
 def test_multiframe_mr_volume_with_a_2d_model_explains_the_middle_slice(scene, logic, checkpoint, classifier):
     path = get_testdata_file("emri_small.dcm")  # enhanced MR, 10 frames of 64 x 64
     volume = load_with_slicer_reader(scene, path)
