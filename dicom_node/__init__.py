@@ -4,8 +4,8 @@
 instance meets them:
 
 - :mod:`dicom_node.scp` — C-ECHO and C-STORE service class provider (pynetdicom);
-- :mod:`dicom_node.reactor` — the event-driven association loop and C-STORE fast path the SCP runs
-  on the pinned pynetdicom;
+- :mod:`dicom_node.fastpath` — the C-STORE fast path (event-driven association loops, header walk,
+  direct file meta), tied to the pinned pynetdicom and switched by ``fast_path``;
 - :mod:`dicom_node.ingest` — more processes accepting associations on the same port;
 - :mod:`dicom_node.spool` — durable instance store (the spool and quarantine files);
 - :mod:`dicom_node.jobs` — the SQLite job database: study states and their transitions, the outbox;

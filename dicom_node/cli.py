@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classify-any-modality", action="store_true", default=None,
                    help="without [[routes]], classify every series, not only the modality and body part the "
                    "model was trained on")
+    p.add_argument("--no-fast-path", dest="fast_path", action="store_false", default=None,
+                   help="pynetdicom's own association loops and pydicom for the file meta (fast_path = false), "
+                   "e.g. on a pynetdicom other than the pinned one")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -89,7 +92,8 @@ def run_main(argv: list[str]) -> int:
     cfg = load_config(a.config, ae_title=a.ae_title, port=a.port, bind=a.bind, checkpoint=a.checkpoint,
                       return_to=a.return_to, stable_seconds=a.stable_seconds, data_dir=a.data_dir,
                       metrics_port=a.metrics_port, device=a.device,
-                      scp_processes=a.scp_processes, classify_any_modality=a.classify_any_modality)
+                      scp_processes=a.scp_processes, classify_any_modality=a.classify_any_modality,
+                      fast_path=a.fast_path)
     if not cfg.checkpoint and not cfg.routes:
         raise MedClassError("no model to classify with", "pass --checkpoint model.pt or run 'medclass quickstart'")
     # Ctrl-C and SIGTERM (systemd, docker stop) only note the request; the main loop sees it and stops the

@@ -12,6 +12,7 @@ A ``node.toml`` (every key optional)::
     metrics_port = 9110                        # 0: no /metrics endpoint
     classify_any_modality = false              # true: no [[routes]] means every series, whatever the model's card says
     scp_processes = 0                          # processes accepting associations; 0: one per core, at most 4
+    fast_path = true                           # the C-STORE fast path (needs the pinned pynetdicom); false: pynetdicom's own
 
     [[allow]]                                  # no [[allow]]: any calling AE is accepted
     ae_title = "ORTHANC"
@@ -62,7 +63,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "stable_seconds": _NUMBER, "metrics_port": int, "scp_processes": int, "device": str, "batch_size": int, "max_send_attempts": int,
     "give_up_after_hours": _NUMBER,
     "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
-    "tls": dict, "classify_any_modality": bool,
+    "tls": dict, "classify_any_modality": bool, "fast_path": bool,
 }
 _TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
                    dict: "a [table]", bool: "true or false"}[v] for k, v in _TYPES.items()}
@@ -92,6 +93,8 @@ class NodeConfig:
     tls: dict[str, Any] | None = None
     # Without [[routes]]: classify every series, not only the modality/body part the model was trained on.
     classify_any_modality: bool = False
+    # The C-STORE fast path (dicom_node.fastpath), tied to the pinned pynetdicom; false: pynetdicom's own.
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title.strip()) <= 16:

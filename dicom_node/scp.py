@@ -13,14 +13,15 @@ import functools
 import logging
 import socket
 import ssl
-import struct
 import threading
 import time
 from io import BytesIO
 from typing import Any, Callable
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import UID
 from pynetdicom import (
@@ -36,8 +37,9 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NodeConfig
-from dicom_node.reactor import AVAILABLE as EVENT_REACTORS
-from dicom_node.reactor import EventRequestHandler, unbind_logging_handlers
+from dicom_node.fastpath import check_fast_path
+from dicom_node.fastpath.header import part10_header, scan_header
+from dicom_node.fastpath.reactor import EventRequestHandler, unbind_logging_handlers
 from dicom_node.spool import Spool
 from dicom_node.tls import server_context
 from medclass.errors import MedClassError
@@ -78,116 +80,24 @@ def read_header(raw: bytes, is_implicit_vr: bool, is_little_endian: bool) -> Dat
     return read_dataset(BytesIO(raw), is_implicit_vr, is_little_endian, defer_size=1024, specific_tags=_HEADER_TAGS)
 
 
-# Tags the SCP needs, as (group << 16 | element).
-_STUDY, _SERIES, _SOP, _MODALITY = 0x0020000D, 0x0020000E, 0x00080018, 0x00080060
-_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_U16x2, _U32, _U16 = struct.Struct("<HH"), struct.Struct("<I"), struct.Struct("<H")
+def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str | None = None) -> bytes:
+    """Preamble, ``DICM`` and File Meta Information written by pydicom (the path without ``fast_path``).
 
-
-class _Unusual(Exception):
-    """The fast scan met something it does not handle; pydicom reads the data set instead."""
-
-
-def _walk(raw: bytes, pos: int, implicit: bool, found: dict[int, bytes] | None, end_tag: int | None) -> int:
-    """Walk little-endian elements from ``pos``; keep wanted top-level values in ``found``.
-
-    Returns the position after ``end_tag`` (an item's end), or after the data set.
+    :func:`dicom_node.fastpath.header.part10_header` gives the same bytes, directly encoded.
     """
-    n = len(raw)
-    while pos < n:
-        if pos + 8 > n:
-            raise _Unusual
-        group, elem = _U16x2.unpack_from(raw, pos)
-        tag = group << 16 | elem
-        if tag == end_tag:
-            return pos + 8
-        if group == 0xFFFE:  # an item or delimiter where an element belongs
-            raise _Unusual
-        if implicit:
-            length, header = _U32.unpack_from(raw, pos + 4)[0], 8
-        elif raw[pos + 4:pos + 6] in _LONG_VRS:
-            if pos + 12 > n:
-                raise _Unusual
-            length, header = _U32.unpack_from(raw, pos + 8)[0], 12
-        else:
-            length, header = _U16.unpack_from(raw, pos + 6)[0], 8
-        if found is not None:
-            if tag in _PIXEL_TAGS:
-                if length != 0xFFFFFFFF and pos + header + length > n:
-                    raise _Unusual  # truncated: let pydicom judge it, as before
-                found[tag] = b""
-                return n  # the pixel data: nothing the node needs comes after it
-            if tag in (_STUDY, _SERIES, _SOP, _MODALITY):
-                found[tag] = raw[pos + header:pos + header + length]
-        pos += header
-        pos = _skip_items(raw, pos, implicit) if length == 0xFFFFFFFF else pos + length
-    if end_tag is not None or pos > n:
-        raise _Unusual
-    return pos
-
-
-def _skip_items(raw: bytes, pos: int, implicit: bool) -> int:
-    """Skip the items of an undefined-length sequence (or encapsulated fragments) up to its end."""
-    while True:
-        if pos + 8 > len(raw):
-            raise _Unusual
-        group, elem = _U16x2.unpack_from(raw, pos)
-        tag, length = group << 16 | elem, _U32.unpack_from(raw, pos + 4)[0]
-        if tag == _SEQUENCE_END:
-            return pos + 8
-        if tag != _ITEM:
-            raise _Unusual
-        pos = _walk(raw, pos + 8, implicit, None, _ITEM_END) if length == 0xFFFFFFFF else pos + 8 + length
-
-
-def scan_header(raw: bytes, is_implicit_vr: bool, is_little_endian: bool) -> tuple[str, str, str, str, bool] | None:
-    """Study, series and SOP Instance UIDs, modality and whether there is pixel data, read from the bytes.
-
-    A walk over the element headers that decodes nothing but those four values: about
-    a hundredth of the time :func:`read_header` takes. ``None`` when the data set is big
-    endian, malformed, lacks a UID, or holds something the walk does not follow; the
-    caller then asks pydicom (:func:`read_header`), which also explains what is wrong.
-    """
-    if not is_little_endian:
-        return None
-    found: dict[int, bytes] = {}
-    try:
-        _walk(raw, 0, is_implicit_vr, found, None)
-        study, series, sop = (found[t].rstrip(b"\0 ").decode("ascii") for t in (_STUDY, _SERIES, _SOP))
-        modality = found.get(_MODALITY, b"").strip(b"\0 ").decode("ascii")
-    except (_Unusual, KeyError, UnicodeDecodeError, struct.error):
-        return None
-    if not (study and series and sop):
-        return None
-    return study, series, sop, modality, any(t in found for t in _PIXEL_TAGS)
-
-
-def _element(element: int, vr: bytes, value: bytes) -> bytes:
-    if len(value) % 2:
-        value += b"\0" if vr == b"UI" else b" "
-    if vr == b"OB":
-        return struct.pack("<HH2s2xI", 2, element, vr, len(value)) + value
-    return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
-
-
-def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str | None = None) -> bytes:
-    """Preamble, ``DICM`` and File Meta Information (PS3.10 7.1) for a data set received by C-STORE.
-
-    Encoded directly (explicit VR little endian, group 0002): the same bytes as pydicom's
-    ``write_file_meta_info`` in about a hundredth of the time, which matters per instance.
-    """
-    body = b"".join((
-        _element(0x0001, b"OB", b"\x00\x01"),
-        _element(0x0002, b"UI", sop_class.encode()),
-        _element(0x0003, b"UI", sop_instance.encode()),
-        _element(0x0010, b"UI", transfer_syntax.encode()),
-        _element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode()),
-        _element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode()),
-        _element(0x0016, b"AE", source_ae.encode()) if source_ae else b"",
-    ))
-    return b"\0" * 128 + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae
+    buf = DicomBytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    return buf.getvalue()
 
 
 class SharedUIDContext(PresentationContext):
@@ -275,6 +185,10 @@ class StorageSCP:
         self.ae.maximum_pdu_size = 131072
         self.ae.require_calling_aet = [a["ae_title"] for a in config.allow] if config.allow else []
         self.server = None
+        # The fast path (dicom_node.fastpath) or pynetdicom's own loops and pydicom: one switch, and
+        # a loud stop at start when the fast path is asked for on a pynetdicom it was not written for.
+        self.fast = bool(getattr(config, "fast_path", True))
+        check_fast_path(self.fast)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -292,7 +206,7 @@ class StorageSCP:
         try:
             # What AE.start_server does, with the node's server class (shared port) and request handler
             # (event-driven association reactors).
-            kwargs = {"request_handler": EventRequestHandler} if EVENT_REACTORS else {}
+            kwargs = {"request_handler": EventRequestHandler} if self.fast else {}
             self.server = self.ae.make_server((self.config.bind, port), evt_handlers=handlers,
                                               ssl_context=self.ssl_context(), contexts=contexts,
                                               server_class=SharedPortServer if self.reuse_port
@@ -357,13 +271,15 @@ class StorageSCP:
             ts = event.context.transfer_syntax
             sop_class = str(event.request.AffectedSOPClassUID)
             # The file as received: Part 10 header, then the data set's bytes, never decoded and re-encoded.
-            data = [part10_header(sop_class, str(event.request.AffectedSOPInstanceUID), str(ts), calling), raw]
+            meta = part10_header if self.fast else file_meta_bytes
+            data = [meta(sop_class, str(event.request.AffectedSOPInstanceUID), str(ts), calling), raw]
         except Exception as e:  # a malformed request; pynetdicom would otherwise answer 0xC001
             log.warning("C-STORE from %s: cannot read the request (%s)", calling, e)
             self.on_rejected("unreadable")
             return CANNOT_UNDERSTAND
         try:
-            scanned = None if ts.is_deflated else scan_header(raw, ts.is_implicit_VR, ts.is_little_endian)
+            scanned = (scan_header(raw, ts.is_implicit_VR, ts.is_little_endian)
+                       if self.fast and not ts.is_deflated else None)
             if scanned is not None:
                 study_uid, series_uid, own_sop_uid, modality, has_pixels = scanned
             else:  # deflated, big endian, unusual or an empty UID: pydicom, which also says what is wrong

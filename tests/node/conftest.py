@@ -123,9 +123,24 @@ def orthanc_factory(tmp_path):
         o.stop()
 
 
+def pytest_generate_tests(metafunc):
+    # A test marked both_paths runs on the C-STORE fast path and on pynetdicom's own (fast_path = false).
+    if "node_factory" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_paths"):
+        metafunc.parametrize("c_store_path", ["fast-path", "pynetdicom-path"], indirect=True)
+
+
 @pytest.fixture
-def node_factory(tmp_path, checkpoint):
-    """Start in-process nodes on free loopback ports; every one is stopped at the end of the test."""
+def c_store_path(request) -> str:
+    """``fast-path`` (the default) or ``pynetdicom-path``: which C-STORE path ``node_factory`` nodes run."""
+    return getattr(request, "param", "fast-path")
+
+
+@pytest.fixture
+def node_factory(tmp_path, checkpoint, c_store_path):
+    """Start in-process nodes on free loopback ports; every one is stopped at the end of the test.
+
+    Nodes run the C-STORE path of ``c_store_path`` (tests marked ``both_paths`` run on each).
+    """
     from dicom_node.config import NodeConfig
     from dicom_node.node import DicomNode
 
@@ -137,7 +152,7 @@ def node_factory(tmp_path, checkpoint):
                       retry_max_seconds=2.0,
                       # The test model is a chest X-ray model and the test files are CT, MR and MG: these tests
                       # are about the node's plumbing. The modality check has its own tests (test_modality_scope.py).
-                      classify_any_modality=True)
+                      classify_any_modality=True, fast_path=c_store_path == "fast-path")
         values.update(kw)
         node = DicomNode(NodeConfig(**values), poll_seconds=0.1)
         made.append(node)

@@ -19,7 +19,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import NodeConfig, default_processes
-from dicom_node.reactor import AVAILABLE, EventAssociation
+from dicom_node.fastpath import AVAILABLE
+from dicom_node.fastpath.reactor import EventAssociation
 from medclass.errors import MedClassError
 
 from .conftest import HOST, free_port, needs_dcmtk, storescu, wait_until

@@ -39,6 +39,7 @@ def test_echoscu(node_factory):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.both_paths
 @needs_dcmtk
 @needs_orthanc
 def test_storescu_study_is_spooled_classified_and_sr_arrives_in_orthanc(node_factory, orthanc_factory, ct_study,
@@ -142,6 +143,7 @@ def _send_raw(port: int, sop_class, payload: bytes) -> int:
         assoc.release()
 
 
+@pytest.mark.both_paths
 def test_bad_input_is_refused_and_quarantined_and_the_node_keeps_serving(node_factory, tmp_path):
     node = node_factory()
     ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
@@ -212,6 +214,7 @@ def test_unknown_calling_ae_is_rejected(node_factory):
     assert echo("GOODSCU").returncode == 0
 
 
+@pytest.mark.both_paths
 @needs_dcmtk
 @needs_orthanc
 def test_pacs_down_sr_is_retried_until_it_arrives_exactly_once(node_factory, orthanc_factory, ct_study, tmp_path):

@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicom_node.reactor import AVAILABLE as EVENT_REACTORS_AVAILABLE
+from dicom_node.fastpath import AVAILABLE as FAST_PATH_AVAILABLE
 from medclass.checkpoint import read_card
 from medclass.sr import TYPE2_PATIENT_AND_STUDY, build_classification_sr, read_classification_sr
 
@@ -142,14 +142,13 @@ def _echo(port: int) -> int:
 
 @needs_dcmtk
 @pytest.mark.parametrize("event_reactors", [
-    pytest.param(True, marks=pytest.mark.skipif(not EVENT_REACTORS_AVAILABLE, reason="the fast path needs the "
+    pytest.param(True, marks=pytest.mark.skipif(not FAST_PATH_AVAILABLE, reason="the fast path needs the "
                                                 "pinned pynetdicom")),
     False,
 ], ids=["fast-path", "pynetdicom-path"])
 def test_empty_uids_are_refused_at_c_store_and_the_node_keeps_serving(node_factory, tmp_path, monkeypatch,
                                                                       event_reactors):
-    monkeypatch.setattr("dicom_node.scp.EVENT_REACTORS", event_reactors)
-    node = node_factory(scp_processes=1, stable_seconds=0.5)  # one process: the patched path answers every C-STORE
+    node = node_factory(scp_processes=1, stable_seconds=0.5, fast_path=event_reactors)
     handler = node.scp.server.RequestHandlerClass.__name__
     assert (handler == "EventRequestHandler") == event_reactors
     src = [Path(get_testdata_file("CT_small.dcm"))]

@@ -12,7 +12,8 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 
-from dicom_node.scp import part10_header, read_header
+from dicom_node.fastpath.header import part10_header, scan_header
+from dicom_node.scp import file_meta_bytes, read_header
 
 
 def test_part10_header_is_what_pynetdicom_writes():
@@ -20,6 +21,10 @@ def test_part10_header_is_what_pynetdicom_writes():
     expected = b"\0" * 128 + b"DICM" + encode_file_meta(create_file_meta(
         sop_class_uid=sop_class, sop_instance_uid=sop_uid, transfer_syntax=ExplicitVRLittleEndian))
     assert part10_header(sop_class, sop_uid, str(ExplicitVRLittleEndian)) == expected
+    # The path without fast_path writes the same bytes with pydicom.
+    for ae in (None, "STORESCU", "ODD"):
+        assert file_meta_bytes(sop_class, sop_uid, str(ExplicitVRLittleEndian), ae) == \
+            part10_header(sop_class, sop_uid, str(ExplicitVRLittleEndian), ae)
 
 
 @pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian])
@@ -79,8 +84,6 @@ def _installed_test_files() -> list[Path]:
 
 
 def test_scan_header_agrees_with_pydicom_on_every_real_file_it_reads():
-    from dicom_node.scp import scan_header
-
     scanned = 0
     files = _installed_test_files()
     assert len(files) > 100, "pydicom's and pydicom-data's test files are installed"
@@ -110,8 +113,6 @@ def test_scan_header_agrees_with_pydicom_on_every_real_file_it_reads():
 def test_scan_header_leaves_damaged_data_to_pydicom(damage):
     import os
 
-    from dicom_node.scp import scan_header
-
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     if damage == "no_uid":
         del ds.StudyInstanceUID
@@ -130,7 +131,7 @@ def test_fast_store_response_is_what_pynetdicom_encodes(sop_class, sop_uid, mess
     from pynetdicom.dimse_messages import C_STORE_RSP
     from pynetdicom.dimse_primitives import C_STORE
 
-    from dicom_node.reactor import store_response_pdv
+    from dicom_node.fastpath.reactor import store_response_pdv
 
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo = message_id
@@ -141,3 +142,22 @@ def test_fast_store_response_is_what_pynetdicom_encodes(sop_class, sop_uid, mess
     msg.primitive_to_message(rsp)
     (pdata,) = list(msg.encode_msg(1, 16384))
     assert store_response_pdv(message_id, sop_class, sop_uid, status) == pdata.presentation_data_value_list[0][1]
+
+
+def test_the_fast_path_refuses_to_start_on_another_pynetdicom(monkeypatch, tmp_path):
+    # What an upgrade of pynetdicom would do: the node stops at start instead of silently moving to
+    # a path its tests did not run; fast_path = false starts on pynetdicom's own loops.
+    import pynetdicom
+
+    from dicom_node.config import NodeConfig
+    from dicom_node.scp import StorageSCP
+    from dicom_node.spool import JobDatabase, Spool
+    from medclass.errors import MedClassError
+
+    spool = Spool(tmp_path, JobDatabase(tmp_path / "node.db"))
+    monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+    with pytest.raises(MedClassError, match=r"fast_path needs pynetdicom 3\.0\.4.*this is pynetdicom 3\.1\.0.*"
+                       "fast_path = false"):
+        StorageSCP(NodeConfig(fast_path=True), spool)
+    assert StorageSCP(NodeConfig(fast_path=False), spool).fast is False
+    spool.close()

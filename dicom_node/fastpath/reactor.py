@@ -17,8 +17,8 @@ Here the same loops wait for their work instead:
 
 Both still look around every :data:`IDLE_SECONDS` for the timers pynetdicom checks in
 its loops (ARTIM, network timeout). The loops are pynetdicom 3.0.4's, with the
-sleeps replaced; with another pynetdicom version the node uses pynetdicom's own
-(:data:`AVAILABLE`).
+sleeps replaced; on another pynetdicom version the node refuses to start with
+``fast_path = true`` (:func:`dicom_node.fastpath.check_fast_path`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from copy import deepcopy
 from datetime import datetime
 from typing import Any, Callable, cast
 
-import pynetdicom
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
@@ -46,10 +45,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
-log = logging.getLogger("dicom_node.reactor")
-
-#: The pynetdicom whose loops these are; any other keeps pynetdicom's own.
-AVAILABLE = pynetdicom.__version__ == "3.0.4"
+log = logging.getLogger("dicom_node.fastpath.reactor")
 
 #: The longest a reactor waits before it looks at its timers again (seconds).
 IDLE_SECONDS = 0.05
@@ -342,5 +338,5 @@ class EventRequestHandler(RequestHandler):
         return assoc
 
 
-__all__ = ["AVAILABLE", "IDLE_SECONDS", "EventAssociation", "EventDUL", "EventRequestHandler",
+__all__ = ["IDLE_SECONDS", "EventAssociation", "EventDUL", "EventRequestHandler",
            "StoreResponseDIMSE", "store_response_pdv", "unbind_logging_handlers"]
