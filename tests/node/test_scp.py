@@ -73,14 +73,14 @@ def _dataset_bytes(path: str) -> tuple[bytes, pydicom.uid.UID] | None:
     return data[pos:], ts
 
 
-def _installed_test_files() -> list[Path]:
+def _installed_test_files() -> list[str]:
     """pydicom's own test files and pydicom-data's, from disk (``get_testdata_files('*.dcm')``
     would also try to download the ones not installed)."""
     from pydicom.data import data_manager
 
     roots = [Path(data_manager.DATA_ROOT) / "test_files"]
     roots += [Path(src.data_path) for src in data_manager.external_data_sources().values()]
-    return sorted(p for root in roots for p in root.rglob("*.dcm"))
+    return sorted(str(p) for root in roots for p in root.rglob("*.dcm"))
 
 
 def test_scan_header_agrees_with_pydicom_on_every_real_file_it_reads():
