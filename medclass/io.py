@@ -250,6 +250,7 @@ def read_dicom_dataset(ds: pydicom.Dataset, *, apply_voi: bool = True, name: str
     return ImageData(arr, meta)
 
 
+#: VOI LUT Function values (PS3.3 C.11.2.1.3); any other is read as LINEAR, as viewers do.
 VOI_LUT_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
 
