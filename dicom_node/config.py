@@ -11,6 +11,7 @@ A ``node.toml`` (every key optional)::
     stable_seconds = 10
     metrics_port = 9110                        # 0: no /metrics endpoint
     scp_processes = 0                          # processes accepting associations; 0: one per core, at most 4
+    coverage = 0.95                            # of the conformal prediction sets ("uncertain"); 0: none
 
     [[allow]]                                  # no [[allow]]: any calling AE is accepted
     ae_title = "ORTHANC"
@@ -24,7 +25,7 @@ A ``node.toml`` (every key optional)::
     checkpoint = "/models/chest.pt"
 
     [[forward]]                                # triage: forward the study by result
-    when = "malignant >= 0.8"
+    when = "malignant >= 0.8"                  # or "malignant at sensitivity >= 0.95", or "uncertain"
     to = "URGENT@10.0.0.9:104"
     priority = "high"
 
@@ -58,7 +59,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "ae_title": str, "port": int, "bind": str, "data_dir": str, "checkpoint": str, "return_to": str,
     "stable_seconds": _NUMBER, "metrics_port": int, "scp_processes": int, "device": str, "batch_size": int, "max_send_attempts": int,
     "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
-    "tls": dict,
+    "tls": dict, "coverage": _NUMBER,
 }
 _TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
                    dict: "a [table]"}[v] for k, v in _TYPES.items()}
@@ -114,6 +115,8 @@ class NodeConfig:
     routes: list[dict[str, str]] = field(default_factory=list)
     forward: list[dict[str, str]] = field(default_factory=list)
     tls: dict[str, Any] | None = None
+    #: Coverage of the conformal prediction sets (medclass.calibration); 0: no sets, no "uncertain".
+    coverage: float = 0.95
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title.strip()) <= 16:
@@ -123,6 +126,9 @@ class NodeConfig:
         if not 0 <= int(self.scp_processes) <= 64:
             raise MedClassError(f"scp_processes {self.scp_processes} is out of range",
                                 "pass --scp-processes 0 (one per core) or a number from 1 to 64")
+        if self.coverage and not 0 < self.coverage < 1:
+            raise MedClassError(f"coverage {self.coverage} is outside (0, 1)",
+                                "write e.g. coverage = 0.95 (or 0 for no conformal sets)")
         if self.stable_seconds < 0:
             raise MedClassError("stable_seconds must be >= 0", "pass --stable-seconds 10")
         if self.return_to:
@@ -137,7 +143,10 @@ class NodeConfig:
                 raise MedClassError(f"[[forward]] rule {r} needs 'when' and 'to' (and optionally 'priority')",
                                     'write e.g. when = "malignant >= 0.8", to = "URGENT@10.0.0.9:104", '
                                     'priority = "high"')
-            ForwardRule(**r)
+            rule = ForwardRule(**r)
+            if rule.name == "uncertain" and not self.coverage:
+                raise MedClassError(f"[[forward]] when = {rule.when!r} needs conformal sets, but coverage = 0",
+                                    "set coverage = 0.95 (or another value in (0, 1)) in node.toml")
         for r in self.routes:
             unknown = set(r) - ROUTE_KEYS
             if unknown:

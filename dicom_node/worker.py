@@ -53,7 +53,9 @@ class InferenceWorker:
         self.spool = spool
         self.metrics = metrics
         self.selector = SeriesSelector(config.routes, config.checkpoint)
-        self.router = StudyRouter(config.forward)
+        # The rules are checked against the models' cards here, at start: a class no model has or an
+        # operating point without a stored ROC stops the node (dicom_node.router).
+        self.router = StudyRouter(config.forward, _model_cards(config))
         self.outbox_dir = config.data_path / "outbox"
         self._models: dict[str, Classifier] = {}
 
@@ -121,10 +123,15 @@ class InferenceWorker:
             probs, label, used, clf = res
             result = {"model": clf.loaded.name, "checkpoint": Path(checkpoint).name, "probabilities": probs,
                       "label": label, "images": len(used), "series": series_uids}
+            # Calibration (medclass.calibration): the conformal set at the node's coverage, and the
+            # operating points the [[forward]] rules use, go into the result and the report.
+            pset = clf.prediction_set(probs, self.config.coverage) if self.config.coverage else None
+            if pset is not None:
+                result["prediction_set"] = pset
             results.append(result)
             outbox += self._queue_report(study_uid, revision, checkpoint, clf, probs, label,
-                                         [headers[i["sop_uid"]] for i in used])
-            for rule in self.router.destinations(probs, label):
+                                         [headers[i["sop_uid"]] for i in used], pset)
+            for rule in self.router.destinations(probs, label, checkpoint, pset):
                 outbox.append(dict(key=f"forward:{study_uid}:{revision}:{rule.destination}", kind="forward",
                                    destination=str(rule.destination), path=None,
                                    priority=PRIORITIES[rule.priority]))
@@ -162,7 +169,7 @@ class InferenceWorker:
         return probs, clf.task.label_names(row), used, clf
 
     def _queue_report(self, study_uid: str, revision: int, checkpoint: str, clf: Classifier, probs, label,
-                      sources: list[pydicom.Dataset]) -> list[dict[str, Any]]:
+                      sources: list[pydicom.Dataset], prediction_set: list[str] | None = None) -> list[dict[str, Any]]:
         dest = self.config.return_destination
         seed = [study_uid, clf.loaded.name, Path(checkpoint).name, str(revision)]
         sop_uid = pydicom.uid.generate_uid(entropy_srcs=seed + ["sop"])
@@ -170,6 +177,8 @@ class InferenceWorker:
             sources, clf.card, probs, label, device_name=self.config.ae_title,
             series_instance_uid=pydicom.uid.generate_uid(entropy_srcs=seed + ["series"]), sop_instance_uid=sop_uid,
             series_number=9900 + min(revision, 99),
+            operating_points=self.router.operating_points(checkpoint) or None, prediction_set=prediction_set,
+            coverage=self.config.coverage if prediction_set is not None else None,
         )
         path = self.outbox_dir / safe_name(study_uid) / f"{sop_uid}.dcm"
         buf = io.BytesIO()
@@ -207,3 +216,11 @@ class InferenceWorker:
         else:
             log.info("study %s %s: %s", study_uid, state,
                      "; ".join(f"{r['model']} → {r['label']}" for r in results or []))
+
+
+def _model_cards(config: NodeConfig) -> dict[str, dict[str, Any]]:
+    """The card of every model the node classifies with: the default checkpoint and each route's."""
+    from medclass.checkpoint import read_card
+
+    paths = {config.checkpoint, *(r.get("checkpoint") for r in config.routes)} - {None}
+    return {p: read_card(p) for p in sorted(paths)}
