@@ -3,9 +3,12 @@
 Fitted once, on the validation split, at the end of training (or later with
 ``medclass calibrate``) and stored in the model card under ``card["calibration"]``:
 
-``method``, ``temperature``
+``method``, ``temperature``, ``bias``
     Temperature scaling (Guo et al., 2017): logits are divided by ``T`` before the
-    task's link. Binary and multiclass: one ``T`` for the softmax. Multilabel: one
+    task's link. For binary and multiclass tasks, bias-corrected temperature scaling
+    (``method = "bcts"``: ``z / T + b``, Alexandari et al., 2020) replaces it when the
+    validation likelihood gain pays for the extra parameters (AIC): a short training
+    often leaves scores shifted towards one class, which no temperature can correct. Binary and multiclass: one ``T`` for the softmax. Multilabel: one
     ``T`` per label (each label is its own sigmoid). Ordinal: one ``T`` for every
     cumulative logit, fitted on the NLL of the grade probabilities. ``T`` minimises
     the validation NLL; it never changes the ranking of a class's scores, so the
@@ -74,9 +77,10 @@ def _nll(task_type: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -torch.log(p.gather(1, y.long()[:, None])).mean()
 
 
-def nll(task_type: str, logits: np.ndarray, y: np.ndarray, temperature: float | list[float] = 1.0) -> float:
-    """Negative log-likelihood of labels ``y`` under ``logits / temperature``."""
-    z = scale_logits(torch.as_tensor(np.asarray(logits), dtype=torch.float64), temperature)
+def nll(task_type: str, logits: np.ndarray, y: np.ndarray, temperature: float | list[float] = 1.0,
+        bias: list[float] | None = None) -> float:
+    """Mean negative log-likelihood of labels ``y`` under ``logits / temperature + bias``."""
+    z = scale_logits(torch.as_tensor(np.asarray(logits), dtype=torch.float64), temperature, bias)
     return float(_nll(task_type, z, torch.as_tensor(np.asarray(y))))
 
 
@@ -118,18 +122,62 @@ def fit_temperature(task_type: str, logits: np.ndarray, y: np.ndarray) -> float 
     return t if task_type == "multilabel" else t[0]
 
 
-def scale_logits(logits: torch.Tensor, temperature: float | list[float] | None) -> torch.Tensor:
-    """``logits / T`` (``T`` one number, or one per column)."""
-    if temperature is None:
-        return logits
-    t = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
-    return logits / t
+def fit_bias_corrected_temperature(task_type: str, logits: np.ndarray, y: np.ndarray) -> tuple[float, list[float]]:
+    """Bias-corrected temperature scaling (BCTS; Alexandari et al., 2020): ``softmax(z / T + b)``.
+
+    For binary and multiclass tasks. The per-class bias ``b`` (``b[0] = 0``) also corrects a
+    model whose scores are shifted towards one class, which a temperature alone cannot: it
+    can only soften or sharpen.
+
+    Returns
+    -------
+    (float, list of float)
+        ``T`` and ``b``.
+    """
+    if task_type not in ("binary", "multiclass"):
+        raise ValueError(f"bias-corrected temperature scaling is for softmax tasks, not {task_type}")
+    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    yt = torch.as_tensor(np.asarray(y))
+    params = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)  # log T, b[1:]
+    opt = torch.optim.LBFGS([params], lr=0.5, max_iter=300, line_search_fn="strong_wolfe")
+
+    def scaled():
+        bias = torch.cat([torch.zeros(1, dtype=torch.float64), params[1:]])
+        return z / torch.exp(params[0].clamp(-3, 3)) + bias
+
+    def closure():
+        opt.zero_grad()
+        loss = _nll(task_type, scaled(), yt)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    p = params.detach()
+    t = round(float(torch.exp(p[0].clamp(-3, 3))), _DIGITS)
+    return t, [0.0, *[round(float(v), _DIGITS) for v in p[1:]]]
+
+
+def scale_logits(logits: torch.Tensor, temperature: float | list[float] | None,
+                 bias: list[float] | None = None) -> torch.Tensor:
+    """``logits / T + b`` (``T`` one number, or one per column; ``b`` one per column, optional)."""
+    if temperature is not None:
+        logits = logits / torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+    if bias is not None:
+        logits = logits + torch.as_tensor(bias, dtype=logits.dtype, device=logits.device)
+    return logits
+
+
+def card_scaling(card: dict[str, Any] | None) -> tuple[float | list[float] | None, list[float] | None]:
+    """The card's fitted ``(temperature, bias)``; ``(None, None)`` for a checkpoint without calibration."""
+    cal = (card or {}).get("calibration") or {}
+    if cal.get("method") not in ("temperature", "bcts"):
+        return None, None
+    return cal.get("temperature"), cal.get("bias")
 
 
 def card_temperature(card: dict[str, Any] | None) -> float | list[float] | None:
     """The card's fitted temperature, ``None`` for a checkpoint without calibration."""
-    cal = (card or {}).get("calibration") or {}
-    return cal.get("temperature") if cal.get("method") == "temperature" else None
+    return card_scaling(card)[0]
 
 
 # --------------------------------------------------------------------------- ROC, operating points
@@ -314,31 +362,42 @@ def calibrate(task_type: str, classes: list[str], val_logits: np.ndarray, val_y:
     # A temperature fitted on a handful of images is noise (all correct: T -> its lower bound,
     # probabilities pushed to 0 and 1); below MIN_EXAMPLES the model's own probabilities stay.
     rescale = rescale and len(val_y) >= MIN_EXAMPLES
+    method = "temperature" if rescale else "none"
     t = fit_temperature(task_type, val_logits, val_y) if rescale else None
+    b = None
+    if rescale and task_type in ("binary", "multiclass"):
+        # BCTS adds K - 1 parameters: it is kept only when it pays for them (AIC: the validation
+        # log-likelihood must grow by more than the number of extra parameters).
+        t2, b2 = fit_bias_corrected_temperature(task_type, val_logits, val_y)
+        gain = len(val_y) * (nll(task_type, val_logits, val_y, t) - nll(task_type, val_logits, val_y, t2, b2))
+        if gain > len(b2) - 1:
+            method, t, b = "bcts", t2, b2
 
-    def probs(z, temp):
-        return link(scale_logits(torch.as_tensor(np.asarray(z), dtype=torch.float64), temp)).numpy()
+    def probs(z, temp, bias=None):
+        return link(scale_logits(torch.as_tensor(np.asarray(z), dtype=torch.float64), temp, bias)).numpy()
 
-    def ece(z, y, temp):
-        return round(float(compute_metrics(task_type, y, probs(z, temp), classes)["ece"]), _DIGITS)
+    def ece(z, y, temp, bias=None):
+        return round(float(compute_metrics(task_type, y, probs(z, temp, bias), classes)["ece"]), _DIGITS)
 
-    out: dict[str, Any] = {"method": "temperature" if rescale else "none", "temperature": t,
-                           "fitted_on": "val", "n_val": int(len(val_y)),
-                           "val_ece_before": ece(val_logits, val_y, None), "val_ece_after": ece(val_logits, val_y, t)}
+    out: dict[str, Any] = {"method": method, "temperature": t, "fitted_on": "val", "n_val": int(len(val_y)),
+                           "val_ece_before": ece(val_logits, val_y, None),
+                           "val_ece_after": ece(val_logits, val_y, t, b)}
+    if b is not None:
+        out["bias"] = b
     if rescale:
         out["val_nll_before"] = round(nll(task_type, val_logits, val_y), _DIGITS)
-        out["val_nll_after"] = round(nll(task_type, val_logits, val_y, t), _DIGITS)
+        out["val_nll_after"] = round(nll(task_type, val_logits, val_y, t, b), _DIGITS)
     splits = {"val": (val_logits, val_y)}
     if test_logits is not None and test_y is not None and len(test_y):
         splits["test"] = (test_logits, test_y)
         out["test_ece_before"] = ece(test_logits, test_y, None)
-        out["test_ece_after"] = ece(test_logits, test_y, t)
-    out["roc"] = {s: class_rocs(task_type, y, np.round(probs(z, t), _DIGITS), classes)
+        out["test_ece_after"] = ece(test_logits, test_y, t, b)
+    out["roc"] = {s: class_rocs(task_type, y, np.round(probs(z, t, b), _DIGITS), classes)
                   for s, (z, y) in splits.items()}
     if task_type != "multilabel":
         out["conformal"] = {}
         for m in CONFORMAL_METHODS:
-            sc = {s: np.sort(np.round(conformal_scores(np.round(probs(z, t), _DIGITS), y, m), _DIGITS))
+            sc = {s: np.sort(np.round(conformal_scores(np.round(probs(z, t, b), _DIGITS), y, m), _DIGITS))
                   for s, (z, y) in splits.items()}
             out["conformal"][m] = {
                 "val_scores": sc["val"].tolist(),
@@ -375,13 +434,15 @@ def calibration_summary(cal: dict[str, Any]) -> str:
     """One line for the CLI: temperature and ECE before/after."""
     t = cal.get("temperature")
     t_txt = "none" if t is None else (f"{t:.3f}" if isinstance(t, float) else "[" + ", ".join(f"{v:.3f}" for v in t) + "]")
-    line = f"calibration: T = {t_txt}, validation ECE {cal['val_ece_before']:.4f} -> {cal['val_ece_after']:.4f}"
+    if cal.get("bias"):
+        t_txt += ", bias [" + ", ".join(f"{v:.3f}" for v in cal["bias"]) + "]"
+    line = f"calibration ({cal['method']}): T = {t_txt}, validation ECE {cal['val_ece_before']:.4f} -> {cal['val_ece_after']:.4f}"
     if "test_ece_after" in cal:
         line += f", held-out ECE {cal['test_ece_before']:.4f} -> {cal['test_ece_after']:.4f}"
     return line
 
 
-__all__ = ["COVERAGES", "CONFORMAL_METHODS", "OPERATING_METRICS", "calibrate", "calibrate_model", "calibration_summary", "card_qhat",
-           "card_temperature", "class_rocs", "conformal_quantile", "conformal_scores", "fit_temperature",
-           "held_out_coverage", "nll", "operating_point", "operating_threshold", "prediction_set", "rates_at", "roc",
-           "scale_logits"]
+__all__ = ["COVERAGES", "CONFORMAL_METHODS", "OPERATING_METRICS", "calibrate", "calibrate_model",
+           "calibration_summary", "card_qhat", "card_scaling", "card_temperature", "class_rocs", "conformal_quantile",
+           "conformal_scores", "fit_bias_corrected_temperature", "fit_temperature", "held_out_coverage", "nll",
+           "operating_point", "operating_threshold", "prediction_set", "rates_at", "roc", "scale_logits"]

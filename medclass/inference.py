@@ -64,16 +64,16 @@ def forward_probabilities(
 ) -> np.ndarray:
     """Class probabilities ``(N, K)`` of preprocessed images ``x``.
 
-    With ``calibrated`` (the default) the card's temperature (:mod:`medclass.calibration`)
+    With ``calibrated`` (the default) the card's temperature (and bias; :mod:`medclass.calibration`)
     rescales the logits first; a card without one (an older checkpoint) changes nothing.
     """
     if not loaded.is_torch:
         return np.asarray(loaded.model.predict_proba(x.numpy()), dtype=np.float64)
-    from medclass.calibration import card_temperature, scale_logits
+    from medclass.calibration import card_scaling, scale_logits
 
     logits = forward_logits(loaded, x, extra, batch_size)
-    t = card_temperature(loaded.card) if calibrated else None
-    return loaded.task.probabilities(scale_logits(logits, t)).numpy().astype(np.float64)
+    t, bias = card_scaling(loaded.card) if calibrated else (None, None)
+    return loaded.task.probabilities(scale_logits(logits, t, bias)).numpy().astype(np.float64)
 
 
 class Classifier:

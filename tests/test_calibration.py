@@ -41,6 +41,19 @@ def test_temperature_undoes_overconfidence_and_lowers_nll_and_ece():
     assert after < before / 2
 
 
+def test_bias_corrected_temperature_fixes_a_shifted_model_and_is_chosen_only_when_it_pays():
+    z, y = _overconfident(2000, 5, scale=2.0)
+    shifted = z + np.array([0.0, 3.0])  # every score pushed towards the positive class
+    t, b = cal.fit_bias_corrected_temperature("binary", shifted, y)
+    assert b[0] == 0 and -4 < b[1] * t < -2  # the shift (3 logits, before the temperature), undone
+    assert cal.nll("binary", shifted, y, t, b) < cal.nll("binary", shifted, y, cal.fit_temperature("binary", shifted, y))
+    section = cal.calibrate("binary", ["no", "yes"], shifted[:1000], y[:1000], shifted[1000:], y[1000:])
+    assert section["method"] == "bcts" and section["test_ece_after"] < section["test_ece_before"] / 2
+    # A model that is only over-confident keeps plain temperature scaling.
+    plain = cal.calibrate("binary", ["no", "yes"], z[:1000], y[:1000])
+    assert plain["method"] == "temperature" and "bias" not in plain
+
+
 def test_temperature_keeps_the_ranking_and_fits_each_task_type():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, 600)
@@ -109,7 +122,7 @@ def test_conformal_sets_cover_exchangeable_examples(method):
 def test_calibrate_builds_the_card_section():
     z, y = _overconfident(1200, 4)
     section = cal.calibrate("binary", ["no", "yes"], z[:600], y[:600], z[600:], y[600:])
-    assert section["method"] == "temperature" and section["temperature"] > 1
+    assert section["method"] in ("temperature", "bcts") and section["temperature"] > 1
     assert section["val_ece_after"] < section["val_ece_before"]
     assert set(section["roc"]) == {"val", "test"} and set(section["roc"]["val"]) == {"no", "yes"}
     card = {"calibration": section}
@@ -133,7 +146,7 @@ def test_train_stores_calibration_and_classifier_applies_it(tmp_path):
                             seed=0, progress=False, out=str(tmp_path / "run")))
     card = read_card(res.checkpoint)
     c = card["calibration"]
-    assert c["method"] == "temperature" and c["temperature"] > 0
+    assert c["method"] in ("temperature", "bcts") and c["temperature"] > 0
     assert c["n_val"] == card["data"]["n_val"]
     assert set(c["roc"]["val"]) == {"no tumour", "tumour"} and c["roc"]["test"]["tumour"]["thresholds"]
     assert len(c["conformal"]["lac"]["val_scores"]) == card["data"]["n_val"]
@@ -143,7 +156,7 @@ def test_train_stores_calibration_and_classifier_applies_it(tmp_path):
     ds = load_dataset("br35h")
     ts = materialize(ds, select_split(card, ds, "test")[:32], clf.loaded.preprocess_spec)
     logits = forward_logits(clf.loaded, ts.x)
-    expected = torch.softmax(logits / c["temperature"], dim=1).numpy()
+    expected = torch.softmax(logits / c["temperature"] + torch.tensor(c.get("bias", [0.0, 0.0])), dim=1).numpy()
     got = forward_probabilities(clf.loaded, ts.x)
     assert np.allclose(got, expected, atol=1e-6)
     assert np.allclose(forward_probabilities(clf.loaded, ts.x, calibrated=False),
