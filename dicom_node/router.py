@@ -85,7 +85,8 @@ class ForwardRule:
                                         f"{self.threshold:g} makes the rule meaningless",
                                         "use a threshold in [0, 1], e.g. 0.8")
         else:
-            raise MedClassError(f"[[forward]] when = {self.when!r} is not a rule", _EXAMPLES)
+            raise MedClassError(f"[[forward]] when = {self.when!r} is not '<class> >= <number>' nor another rule",
+                                _EXAMPLES)
         if self.priority not in PRIORITIES:
             raise MedClassError(f"[[forward]] priority {self.priority!r} is unknown", f"use one of {list(PRIORITIES)}")
         self.destination = Destination.parse(self.to, "[[forward]] to")
