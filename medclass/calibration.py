@@ -5,15 +5,17 @@ Fitted once, on the validation split, at the end of training (or later with
 
 ``method``, ``temperature``, ``bias``
     Temperature scaling (Guo et al., 2017): logits are divided by ``T`` before the
-    task's link. For binary and multiclass tasks, bias-corrected temperature scaling
-    (``method = "bcts"``: ``z / T + b``, Alexandari et al., 2020) replaces it when the
-    validation likelihood gain pays for the extra parameters (AIC): a short training
-    often leaves scores shifted towards one class, which no temperature can correct. Binary and multiclass: one ``T`` for the softmax. Multilabel: one
+    task's link. Binary and multiclass: one ``T`` for the softmax. Multilabel: one
     ``T`` per label (each label is its own sigmoid). Ordinal: one ``T`` for every
     cumulative logit, fitted on the NLL of the grade probabilities. ``T`` minimises
     the validation NLL; it never changes the ranking of a class's scores, so the
-    AUC is unchanged. Classic (scikit-learn) models are not rescaled
-    (``method = "none"``); their operating points and sets are still recorded.
+    AUC is unchanged. For binary and multiclass tasks, bias-corrected temperature
+    scaling (``method = "bcts"``: ``z / T + b``, Alexandari et al., 2020) replaces it
+    when the validation likelihood gain pays for the extra parameters (AIC): a short
+    training often leaves the scores shifted towards one class, which no temperature
+    can correct. Classic (scikit-learn) models, and validation splits of fewer than
+    ``MIN_EXAMPLES`` images, are not rescaled (``method = "none"``); their operating
+    points and sets are still recorded.
 ``val_ece_before``, ``val_ece_after``, ``test_ece_before``, ``test_ece_after``
     Expected calibration error (:func:`medclass.metrics.compute_metrics`) on the
     validation and held-out splits, before and after.
@@ -32,7 +34,7 @@ Fitted once, on the validation split, at the end of training (or later with
     validation scores (Angelopoulos & Bates, 2021). Not for multilabel tasks.
 
 The temperature and the conformal scores come from the same validation split: with
-one fitted parameter the loss of exchangeability is negligible; the held-out coverage
+one or two fitted parameters the loss of exchangeability is small; the held-out coverage
 recorded in the card (and measured in ``bench/bench_calibration.py``) checks it.
 
 Everything is per image. The DICOM node applies thresholds and sets to its study-level
