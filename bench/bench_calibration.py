@@ -122,12 +122,13 @@ def main(argv: list[str] | None = None) -> int:
               f"LAC coverage {r['conformal']['lac']['coverage']:.3f} sizes {r['conformal']['lac']['set_sizes']}",
               flush=True)
         runs.append(r)
-    summary = summarise(runs)
+        # Written after every seed: a long run stopped early still leaves its figures.
+        summary = summarise(runs)
+        write_result(a.name, {"settings": {"data": "br35h", "model": a.model, "image_size": a.image_size,
+                                           "epochs": a.epochs, "limit": a.limit, "seeds": [x["seed"] for x in runs],
+                                           "target_sensitivity": TARGET, "coverage": COVERAGE},
+                              "summary": summary, "runs": runs})
     print(summary)
-    write_result(a.name, {"settings": {"data": "br35h", "model": a.model, "image_size": a.image_size,
-                                       "epochs": a.epochs, "limit": a.limit, "seeds": a.seeds, "target_sensitivity": TARGET,
-                                       "coverage": COVERAGE},
-                          "summary": summary, "runs": runs})
     return 0
 
 
