@@ -13,6 +13,7 @@ A ``node.toml`` (every key optional)::
     classify_any_modality = false              # true: no [[routes]] means every series, whatever the model's card says
     scp_processes = 0                          # processes accepting associations; 0: one per core, at most 4
     fast_path = true                           # the C-STORE fast path (needs the pinned pynetdicom); false: pynetdicom's own
+    coverage = 0.95                            # of the conformal prediction sets ("uncertain"); 0: none
 
     [[allow]]                                  # no [[allow]]: any calling AE is accepted
     ae_title = "ORTHANC"
@@ -26,7 +27,7 @@ A ``node.toml`` (every key optional)::
     checkpoint = "/models/chest.pt"
 
     [[forward]]                                # triage: forward the study by result
-    when = "malignant >= 0.8"
+    when = "malignant >= 0.8"                  # or "malignant at sensitivity >= 0.95", or "uncertain"
     to = "URGENT@10.0.0.9:104"
     priority = "high"
 
@@ -63,7 +64,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "stable_seconds": _NUMBER, "metrics_port": int, "scp_processes": int, "device": str, "batch_size": int, "max_send_attempts": int,
     "give_up_after_hours": _NUMBER,
     "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
-    "tls": dict, "classify_any_modality": bool, "fast_path": bool,
+    "tls": dict, "classify_any_modality": bool, "fast_path": bool, "coverage": _NUMBER,
 }
 _TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
                    dict: "a [table]", bool: "true or false"}[v] for k, v in _TYPES.items()}
@@ -95,6 +96,8 @@ class NodeConfig:
     classify_any_modality: bool = False
     # The C-STORE fast path (dicom_node.fastpath), tied to the pinned pynetdicom; false: pynetdicom's own.
     fast_path: bool = True
+    #: Coverage of the conformal prediction sets (medclass.calibration); 0: no sets, no "uncertain".
+    coverage: float = 0.95
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title.strip()) <= 16:
@@ -104,6 +107,9 @@ class NodeConfig:
         if not 0 <= int(self.scp_processes) <= 64:
             raise MedClassError(f"scp_processes {self.scp_processes} is out of range",
                                 "pass --scp-processes 0 (one per core) or a number from 1 to 64")
+        if self.coverage and not 0 < self.coverage < 1:
+            raise MedClassError(f"coverage {self.coverage} is outside (0, 1)",
+                                "write e.g. coverage = 0.95 (or 0 for no conformal sets)")
         if self.stable_seconds < 0:
             raise MedClassError("stable_seconds must be >= 0", "pass --stable-seconds 10")
         if self.return_to:
@@ -119,7 +125,10 @@ class NodeConfig:
                 raise MedClassError(f"[[forward]] rule {r} needs 'when' and 'to' (and optionally 'priority')",
                                     'write e.g. when = "malignant >= 0.8", to = "URGENT@10.0.0.9:104", '
                                     'priority = "high"')
-            ForwardRule(**r)
+            rule = ForwardRule(**r)
+            if rule.name == "uncertain" and not self.coverage:
+                raise MedClassError(f"[[forward]] when = {rule.when!r} needs conformal sets, but coverage = 0",
+                                    "set coverage = 0.95 (or another value in (0, 1)) in node.toml")
         for r in self.routes:
             unknown = set(r) - ROUTE_KEYS
             if unknown:

@@ -65,7 +65,9 @@ class InferenceWorker:
         self.spool = spool
         self.metrics = metrics
         self.selector = SeriesSelector(config.routes, config.checkpoint, config.classify_any_modality)
-        self.router = StudyRouter(config.forward)
+        # The rules are checked against the models' cards here, at start: a class no model has or an
+        # operating point without a stored ROC stops the node (dicom_node.router).
+        self.router = StudyRouter(config.forward, _model_cards(config))
         self.outbox_dir = config.data_path / "outbox"
         self._models: dict[str, Classifier] = {}
 
@@ -138,12 +140,17 @@ class InferenceWorker:
             probs, label, used, clf = res
             result = {"model": clf.loaded.name, "checkpoint": Path(checkpoint).name, "probabilities": probs,
                       "label": label, "images": len(used), "series": series_uids, "complete": complete}
+            # Calibration (medclass.calibration): the conformal set at the node's coverage, and the
+            # operating points the [[forward]] rules use, go into the result and the report.
+            pset = clf.prediction_set(probs, self.config.coverage) if self.config.coverage else None
+            if pset is not None:
+                result["prediction_set"] = pset
             results.append(result)
             report, queued = self._queue_report(study_uid, revision, checkpoint, clf, probs, label,
-                                                [headers[i["sop_uid"]] for i in used], complete)
+                                                [headers[i["sop_uid"]] for i in used], complete, pset)
             reports.append(report)
             outbox += queued
-            for rule in self.router.destinations(probs, label):
+            for rule in self.router.destinations(probs, label, checkpoint, pset):
                 outbox.append(dict(key=f"forward:{study_uid}:{revision}:{rule.destination}", kind="forward",
                                    destination=str(rule.destination), path=None,
                                    priority=Priority.of_forward_rule(rule.priority)))
@@ -185,7 +192,7 @@ class InferenceWorker:
 
     def _queue_report(self, study_uid: str, revision: int, checkpoint: str, clf: Classifier, probs, label,
                       sources: list[pydicom.Dataset], complete: bool = True,
-                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                      prediction_set: list[str] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Write the SR into the outbox folder; return its ``reports`` row and what to queue."""
         dest = self.config.return_destination
         model_key = f"{clf.loaded.name}:{Path(checkpoint).name}"
@@ -200,6 +207,8 @@ class InferenceWorker:
             sources, clf.card, probs, label, device_name=self.config.ae_title,
             series_instance_uid=series_uid, sop_instance_uid=sop_uid, series_number=9900, instance_number=revision,
             predecessors=predecessors, complete=complete,
+            operating_points=self.router.operating_points(checkpoint) or None, prediction_set=prediction_set,
+            coverage=self.config.coverage if prediction_set is not None else None,
         )
         path = self.outbox_dir / safe_name(study_uid) / f"{sop_uid}.dcm"
         buf = io.BytesIO()
@@ -242,3 +251,11 @@ def failure_reason(error: BaseException, study_uid: str) -> str:
         what = f"classification raised {type(error).__name__}: {error}".replace("\n", " ")
         remedy = f"run the node with -v for the traceback and report it, {again}"
     return f"{what[:300]}; {remedy}"
+
+
+def _model_cards(config: NodeConfig) -> dict[str, dict[str, Any]]:
+    """The card of every model the node classifies with: the default checkpoint and each route's."""
+    from medclass.checkpoint import read_card
+
+    paths = {config.checkpoint, *(r.get("checkpoint") for r in config.routes)} - {None}
+    return {p: read_card(p) for p in sorted(paths)}

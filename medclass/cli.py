@@ -109,6 +109,16 @@ def _cmd_evaluate(a) -> int:
     return 0
 
 
+def _cmd_calibrate(a) -> int:
+    from medclass.calibration import calibration_summary
+    from medclass.evaluation import calibrate_checkpoint
+
+    cal = calibrate_checkpoint(a.checkpoint, a.data, a.out, a.device)
+    print(calibration_summary(cal))
+    print(f"wrote {a.out or a.checkpoint}")
+    return 0
+
+
 def _cmd_predict(a) -> int:
     from medclass.inference import Classifier
 
@@ -322,6 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     s.set_defaults(fn=_cmd_evaluate)
+
+    s = sub.add_parser("calibrate", help="(re)fit calibration, operating points and conformal sets on the "
+                       "checkpoint's validation split")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--data", help="defaults to the dataset recorded in the checkpoint")
+    s.add_argument("--out", help="write the calibrated checkpoint here (default: replace --checkpoint)")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(fn=_cmd_calibrate)
 
     s = sub.add_parser("predict", help="classify files; one JSON object per line")
     s.add_argument("--checkpoint", required=True)

@@ -21,15 +21,21 @@ FORMATS = ("torchscript", "onnx")
 
 
 class ProbabilityModel(nn.Module):
-    """A zoo model followed by its task's probability function (image input only)."""
+    """A zoo model followed by its calibration (if the card has one) and its task's probability
+    function (image input only), so that an exported model gives the checkpoint's probabilities."""
 
-    def __init__(self, model: nn.Module, task: Task):
+    def __init__(self, model: nn.Module, task: Task, card: dict | None = None):
         super().__init__()
+        from medclass.calibration import card_scaling
+
         self.model = model
         self.task = task
+        t, bias = card_scaling(card)
+        self.register_buffer("temperature", torch.as_tensor(1.0 if t is None else t, dtype=torch.float32))
+        self.register_buffer("bias", torch.as_tensor(0.0 if bias is None else bias, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.task.probabilities(self.model(x))
+        return self.task.probabilities(self.model(x) / self.temperature + self.bias)
 
 
 def example_input(loaded: LoadedModel, batch: int = 2) -> torch.Tensor:
@@ -46,7 +52,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> Path
     loaded = load_checkpoint(checkpoint, "cpu")
     if not loaded.is_torch:
         raise MedClassError(f"{loaded.name} is a classic (scikit-learn) model", "only torch models export")
-    wrapped = ProbabilityModel(loaded.model, loaded.task).eval()
+    wrapped = ProbabilityModel(loaded.model, loaded.task, loaded.card).eval()
     x = example_input(loaded)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

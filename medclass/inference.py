@@ -38,20 +38,42 @@ def autocast(device: torch.device, enabled: bool = True):
     return contextlib.nullcontext()
 
 
-def forward_probabilities(
+def forward_logits(
     loaded: LoadedModel, x: torch.Tensor, extra: dict[str, torch.Tensor] | None = None, batch_size: int = 64
-) -> np.ndarray:
-    """Class probabilities ``(N, K)`` of preprocessed images ``x``."""
+) -> torch.Tensor:
+    """Model outputs ``(N, num_outputs)`` before the task's link, as float32 on the CPU.
+
+    A classic (scikit-learn) model has no logits: its log-probabilities stand in.
+    """
     if not loaded.is_torch:
-        return np.asarray(loaded.model.predict_proba(x.numpy()), dtype=np.float64)
+        p = np.asarray(loaded.model.predict_proba(x.numpy()), dtype=np.float64)
+        return torch.from_numpy(np.log(np.clip(p, 1e-12, 1.0)))
     out = []
     model, dev = loaded.model, loaded.device
     with torch.inference_mode(), autocast(dev):
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size].to(dev, non_blocking=True)
             eb = {k: v[i : i + batch_size].to(dev) for k, v in (extra or {}).items()}
-            out.append(loaded.task.probabilities(model(xb, **eb)).float().cpu())
-    return torch.cat(out).numpy().astype(np.float64)
+            out.append(model(xb, **eb).float().cpu())
+    return torch.cat(out)
+
+
+def forward_probabilities(
+    loaded: LoadedModel, x: torch.Tensor, extra: dict[str, torch.Tensor] | None = None, batch_size: int = 64,
+    calibrated: bool = True,
+) -> np.ndarray:
+    """Class probabilities ``(N, K)`` of preprocessed images ``x``.
+
+    With ``calibrated`` (the default) the card's temperature (and bias; :mod:`medclass.calibration`)
+    rescales the logits first; a card without one (an older checkpoint) changes nothing.
+    """
+    if not loaded.is_torch:
+        return np.asarray(loaded.model.predict_proba(x.numpy()), dtype=np.float64)
+    from medclass.calibration import card_scaling, scale_logits
+
+    logits = forward_logits(loaded, x, extra, batch_size)
+    t, bias = card_scaling(loaded.card) if calibrated else (None, None)
+    return loaded.task.probabilities(scale_logits(logits, t, bias)).numpy().astype(np.float64)
 
 
 class Classifier:
@@ -123,6 +145,23 @@ class Classifier:
         if how == "max" and self.task.type != "multilabel":
             row = row / row.sum()
         return row
+
+    def prediction_set(self, probs_row: np.ndarray | dict[str, float], coverage: float,
+                       method: str = "lac") -> list[str] | None:
+        """The classes of the split-conformal prediction set of one (calibrated) probability row.
+
+        ``None`` when the card stores no conformal scores (an older checkpoint, or a
+        multilabel model). More than one class means the model cannot tell them
+        apart at this coverage: an "uncertain" result.
+        """
+        from medclass.calibration import card_qhat, prediction_set
+
+        qhat = card_qhat(self.card, coverage, method)
+        if qhat is None:
+            return None
+        if isinstance(probs_row, dict):
+            probs_row = np.array([probs_row[c] for c in self.classes])
+        return [self.classes[i] for i in prediction_set(probs_row, qhat, method)]
 
     def _prediction(self, path, probs_row: np.ndarray, meta=None) -> Prediction:
         return Prediction(

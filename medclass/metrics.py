@@ -625,4 +625,17 @@ def format_metrics(metrics: dict) -> str:
         if key in ci:
             line += f"  (95% CI {fmt(ci[key][0])}-{fmt(ci[key][1])})"
         lines.append(line)
+    cal = metrics.get("calibration")
+    if cal:
+        # ECE of the model's own probabilities, then of the calibrated ones (medclass.calibration).
+        before = cal.get("ece_uncalibrated", cal.get("test_ece_before"))
+        after = cal.get("ece_calibrated", cal.get("test_ece_after"))
+        t = cal.get("temperature")
+        t_txt = f", T={t:.3f}" if isinstance(t, float) else ""
+        if before is not None and after is not None:
+            lines.append(f"  {'ECE raw':<16}{fmt(before)}  (calibrated: {fmt(after)}, {cal.get('method')}{t_txt})")
+        for op in cal.get("operating_points", []):
+            lines.append(f"  {op['class']} at {op['metric']} >= {op['target']:g} (threshold {op['threshold']:.4f} from "
+                         f"validation): sensitivity {fmt(op.get('sensitivity'))}, "
+                         f"specificity {fmt(op.get('specificity'))}")
     return "\n".join(lines)

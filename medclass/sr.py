@@ -11,6 +11,16 @@ the study it describes:
   SNOMED CT code from the model card, a private ``99MEDCLASS`` code otherwise),
   one numeric item per class probability (UCUM unit ``{probability}``) and a
   TID 4019 algorithm identification (model name and version from the card);
+- optionally (:mod:`medclass.calibration`) the operating point a triage rule used, as numeric
+  items of the group: ``OPTHR<CLASS>`` "Operating point threshold for <class>" ({probability}),
+  ``OPTGT<CLASS>`` "Operating point target <sensitivity|specificity> for <class>", and the
+  held-out ``OPSENS<CLASS>`` / ``OPSPEC<CLASS>`` "Held-out sensitivity|specificity at threshold
+  for <class>" (UCUM ``1``); and the split-conformal prediction set: a Qualitative Evaluation
+  ``CONFORMAL`` "Conformal prediction result" whose value is the one class of the set, or SCT
+  82334004 "Indeterminate" when the set holds more (or fewer) than one class, with
+  ``CONFCOV`` "Conformal coverage" and ``CONFSIZE`` "Conformal prediction set size". These
+  concept names are in the private ``99MEDCLASS`` scheme (declared in the Coding Scheme
+  Identification Sequence): DICOM and SNOMED CT have no concepts for a model's operating point;
 - VerificationFlag UNVERIFIED: a model's output is not a physician's report.
 """
 
@@ -33,6 +43,13 @@ PRIVATE_SCHEME = "99MEDCLASS"
 FINDING = hd.sr.CodedConcept("404684003", "SCT", "Clinical finding")
 #: The probability of a class, as a numeric measurement.
 PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
+#: Dimensionless ratios (target and held-out sensitivity / specificity, coverage, set size).
+RATIO_UNIT = hd.sr.CodedConcept("1", "UCUM", "no units")
+#: The value of the conformal result when the set does not single out one class.
+INDETERMINATE = hd.sr.CodedConcept("82334004", "SCT", "Indeterminate")
+CONFORMAL_RESULT = hd.sr.CodedConcept("CONFORMAL", PRIVATE_SCHEME, "Conformal prediction result")
+CONFORMAL_COVERAGE = hd.sr.CodedConcept("CONFCOV", PRIVATE_SCHEME, "Conformal coverage")
+CONFORMAL_SET_SIZE = hd.sr.CodedConcept("CONFSIZE", PRIVATE_SCHEME, "Conformal prediction set size")
 #: "Imaging procedure" (SCT 363679005): the generic procedure reported.
 IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 
@@ -66,6 +83,23 @@ def probability_concept(card: dict[str, Any], name: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value, PRIVATE_SCHEME, f"Probability of {name}"[:64])
 
 
+def _private(prefix: str, name: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept((prefix + "".join(ch for ch in name.upper() if ch.isalnum()))[:16], PRIVATE_SCHEME,
+                              meaning[:64])
+
+
+def operating_point_measurements(op: dict[str, Any], algorithm: hd.sr.AlgorithmIdentification) -> list:
+    """Numeric items of one operating point (see the module docstring)."""
+    c, metric = op["class"], op["metric"]
+    items = [(_private("OPTHR", c, f"Operating point threshold for {c}"), op["threshold"], PROBABILITY_UNIT),
+             (_private("OPTGT", c, f"Operating point target {metric} for {c}"), op["target"], RATIO_UNIT)]
+    for key, word, prefix in (("test_sensitivity", "sensitivity", "OPSENS"), ("test_specificity", "specificity",
+                                                                              "OPSPEC")):
+        if op.get(key) is not None:
+            items.append((_private(prefix, c, f"Held-out {word} at threshold for {c}"), op[key], RATIO_UNIT))
+    return [hd.sr.Measurement(name=n, value=float(v), unit=u, algorithm_id=algorithm) for n, v, u in items]
+
+
 #: Above this many source images the report leaves out TID 1600's per-image descriptors: for a
 #: 256-slice CT they took 7 of the report's 24 s to build (and grew every later copy and write),
 #: and the same images are named by the source references and the evidence sequence.
@@ -92,6 +126,9 @@ def build_classification_sr(
     institution_name: str | None = None,
     predecessors: Sequence[pydicom.Dataset] | None = None,
     complete: bool = True,
+    operating_points: Sequence[dict[str, Any]] | None = None,
+    prediction_set: Sequence[str] | None = None,
+    coverage: float | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build a TID 1500 report of one classification.
 
@@ -124,6 +161,14 @@ def build_classification_sr(
     complete : bool
         CompletionFlag COMPLETE (default), or PARTIAL when the images may not be the
         whole study (e.g. it was interrupted while arriving).
+    operating_points : sequence of dict, optional
+        Operating points used for this result (:func:`medclass.calibration.operating_point`:
+        ``class, metric, target, threshold, test_sensitivity, test_specificity``).
+    prediction_set : sequence of str, optional
+        The classes of the split-conformal prediction set; more (or fewer) than one is
+        coded "Indeterminate".
+    coverage : float, optional
+        The coverage the set was built for.
 
     Returns
     -------
@@ -162,6 +207,17 @@ def build_classification_sr(
                           algorithm_id=algorithm)
         for c in classes if c in probabilities
     ]
+    for op in operating_points or []:
+        measurements += operating_point_measurements(op, algorithm)
+    if prediction_set is not None:
+        decided = len(prediction_set) == 1
+        evaluations.append(hd.sr.QualitativeEvaluation(
+            CONFORMAL_RESULT, class_code(card, prediction_set[0]) if decided else INDETERMINATE))
+        measurements.append(hd.sr.Measurement(name=CONFORMAL_SET_SIZE, value=float(len(prediction_set)),
+                                              unit=RATIO_UNIT, algorithm_id=algorithm))
+        if coverage is not None:
+            measurements.append(hd.sr.Measurement(name=CONFORMAL_COVERAGE, value=float(coverage), unit=RATIO_UNIT,
+                                                  algorithm_id=algorithm))
     source_images = [hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_datasets]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"{model_name} classification"[:64]),
@@ -292,18 +348,27 @@ def read_classification_sr(ds: pydicom.Dataset) -> dict[str, Any]:
     dict
         ``findings`` (list of ``(scheme, value, meaning)``), ``probabilities``
         (meaning of the numeric item to value), ``algorithm`` (name, version),
-        ``study_uid``, ``verification``, ``complete`` (the CompletionFlag is COMPLETE) and
-        ``predecessors`` (SOP Instance UIDs in the Predecessor Documents Sequence).
+        ``study_uid``, ``verification``, ``complete`` (the CompletionFlag is COMPLETE),
+        ``predecessors`` (SOP Instance UIDs in the Predecessor Documents Sequence);
+        ``measurements`` (every other numeric item: operating point, conformal coverage and
+        set size) and ``conformal`` (the value of the conformal result, or ``None``).
     """
     report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
     out: dict[str, Any] = {"study_uid": str(ds.StudyInstanceUID), "verification": str(ds.VerificationFlag),
-                           "findings": [], "probabilities": {}, "algorithm": None}
+                           "findings": [], "probabilities": {}, "algorithm": None, "measurements": {},
+                           "conformal": None}
     for group in report.get_image_measurement_groups():
         for ev in group.get_qualitative_evaluations():
             v = ev.value
-            out["findings"].append((v.scheme_designator, v.value, v.meaning))
+            if ev.name.value == CONFORMAL_RESULT.value:
+                out["conformal"] = (v.scheme_designator, v.value, v.meaning)
+            else:
+                out["findings"].append((v.scheme_designator, v.value, v.meaning))
         for m in group.get_measurements():
-            out["probabilities"][m.name.meaning.removeprefix("Probability of ")] = float(m.value)
+            if m.name.meaning.startswith("Probability of "):
+                out["probabilities"][m.name.meaning.removeprefix("Probability of ")] = float(m.value)
+            else:
+                out["measurements"][m.name.meaning] = float(m.value)
     out["algorithm"] = _algorithm(ds.ContentSequence)
     out["complete"] = str(ds.get("CompletionFlag", "")) == "COMPLETE"
     out["predecessors"] = [str(i.ReferencedSOPInstanceUID) for st in ds.get("PredecessorDocumentsSequence", [])

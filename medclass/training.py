@@ -199,9 +199,16 @@ def train(cfg: TrainConfig, ds: LabelledSet | None = None,
     result_metrics: dict[str, Any] = {}
     ckpt = Path(cfg.out) / "model.pt"
     if is_main:
+        from medclass.calibration import calibration_summary
+        from medclass.evaluation import calibrate_model
         from medclass.metrics import evaluation_report
 
-        loaded = LoadedModel(model, {}, task, device)
+        # Calibration (medclass.calibration) is fitted on the validation split before the held-out
+        # metrics, so that they, and every front door, see the calibrated probabilities.
+        calibration = calibrate_model(LoadedModel(model, {}, task, device), sets["val"],
+                                      sets["test"] if sets["test"] is not sets["val"] else None)
+        log.info("%s", calibration_summary(calibration))
+        loaded = LoadedModel(model, {"calibration": calibration}, task, device)
         probs = forward_probabilities(loaded, sets["test"].x, sets["test"].extra())
         out_dir = Path(cfg.out)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +226,8 @@ def train(cfg: TrainConfig, ds: LabelledSet | None = None,
         card = make_card(cfg.model, model_args, task, spec, ds.class_codes, card_data,
                          {k: v for k, v in result_metrics.items() if k not in ("per_class", "per_label")},
                          training, cfg.aggregation)
+        card["calibration"] = calibration
+        result_metrics["calibration"] = {k: v for k, v in calibration.items() if k not in ("roc", "conformal")}
         save_checkpoint(ckpt, model, card)
         result_metrics["training"] = {k: v for k, v in training.items() if k != "config"}
         (out_dir / "metrics.json").write_text(json.dumps(result_metrics, indent=2))

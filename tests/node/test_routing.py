@@ -48,8 +48,8 @@ priority = "high"
 when = "normal >= 0.0"
 to = "ARCHIVE@{host}:{archive}"
 
-[[forward]]                      # never fires: no probability exceeds 1
-when = "pneumonia >= 1.01"
+[[forward]]                      # never fires: no probability exceeds 1 (a threshold above 1 is refused at start)
+when = "pneumonia > 1.0"
 to = "NEVER@{host}:{never}"
 priority = "high"
 """
