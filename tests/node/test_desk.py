@@ -216,9 +216,9 @@ def _log_in(driver, base: str, who: dict) -> None:
 
 
 def _rows(driver) -> list[str]:
-    from selenium.webdriver.common.by import By
-
-    return [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#worklist-rows tr")]
+    # In one script: the page replaces its rows at every poll, so an element found a moment ago may be gone.
+    return driver.execute_script("return Array.from(document.querySelectorAll('#worklist-rows tr'))"
+                                 ".map(r => r.innerText);")
 
 
 def _post_action(driver, path: str) -> int:
