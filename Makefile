@@ -42,9 +42,11 @@ label: install
 # The Debian tools real peers of the tests: Orthanc (PACS), dcmtk, dicom3tools.
 debian-tools:
 	@if command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null \
-	  && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1; then :; \
+	  && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1 \
+	  && command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
 	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q orthanc orthanc-dicomweb dcmtk dicom3tools; fi
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q orthanc orthanc-dicomweb dcmtk dicom3tools \
+	    chromium chromium-driver; fi
 
 lint: install
 	$(BIN)/ruff check .

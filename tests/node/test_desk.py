@@ -336,3 +336,37 @@ def test_a_real_browser_logs_in_watches_studies_arrive_and_an_admin_resends(
     # No URL the browser saw, and no log line, holds the Study Instance UID.
     assert not any(uid in r.getMessage() and "desk" in r.name for r in caplog.records)
     assert not [r for r in caplog.records if r.name.startswith("uvicorn.access")]
+
+
+def test_the_worklist_puts_urgent_routed_studies_on_top_and_filters_by_state_and_date(tmp_path):
+    db = JobDatabase(tmp_path / "node.db")
+    day = time.mktime(time.strptime("2026-05-10 12:00", "%Y-%m-%d %H:%M"))
+    db.record_instances([_instance("1.9.1.1", "1.9.1")], now=day)  # oldest, routed urgently
+    db.record_instances([_instance("1.9.2.1", "1.9.2")], now=day + 3600)  # routine
+    db.record_instances([_instance("1.9.3.1", "1.9.3")], now=day + 86400)  # next day, still receiving
+    db.mark_stable(cutoff=day + 3600, now=day + 3600)
+    assert {db.claim_ready(), db.claim_ready()} == {"1.9.1", "1.9.2"}
+    for uid, urgency in (("1.9.1", "urgent"), ("1.9.2", "routine")):
+        db.finish_classified(uid, 1, [{"model": "m", "label": "a", "probabilities": {"a": 0.9, "b": 0.1}}],
+                             "d" + uid, outbox=[dict(key=f"fw:{uid}", kind="forward", destination="URG@h:1",
+                                                     path=None, priority=urgency)])
+    cfg = NodeConfig(checkpoint="m.pt", web_port=free_port(), users=_users(ADMIN))
+    server = DeskServer(cfg, db).start()
+    try:
+        with httpx.Client(base_url=server.url.rstrip("/")) as c:
+            _login(c, ADMIN["name"], ADMIN["password"])
+
+            def uids(**params) -> list[str]:
+                return [s["study_uid"] for s in c.get("/api/studies", params=params).json()["studies"]]
+
+            assert uids() == ["1.9.1", "1.9.3", "1.9.2"]  # urgent first, then newest first
+            assert c.get("/api/studies").json()["studies"][0]["result"] == "m: a (0.90)"
+            assert uids(state="receiving") == ["1.9.3"]
+            assert uids(since="2026-05-11") == ["1.9.3"] and uids(until="2026-05-10") == ["1.9.1", "1.9.2"]
+            assert uids(state="dead") == []
+            db.mark_dead(db.outbox("1.9.2")[0]["id"], 1, "refused", day)
+            assert uids(state="dead") == ["1.9.2"]
+            assert "1.9.2" not in str(c.get("/").url) and "/studies/" in c.get("/").text
+    finally:
+        server.stop()
+        db.close()
