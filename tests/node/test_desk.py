@@ -370,3 +370,27 @@ def test_the_worklist_puts_urgent_routed_studies_on_top_and_filters_by_state_and
     finally:
         server.stop()
         db.close()
+
+
+def test_medclass_node_web_port_serves_the_desk_in_the_node_process_and_stops_with_it(node_process, checkpoint,
+                                                                                      tmp_path):
+    import signal
+    import socket
+
+    web = free_port()
+    users = _users(ADMIN)[0]
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'[[users]]\nname = "{users["name"]}"\nrole = "admin"\npassword_hash = "{users["password_hash"]}"\n')
+    node = node_process(["--config", str(toml), "--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "data"),
+                         "--device", "cpu", "--scp-processes", "1", "--web-port", str(web)], free_port()).start()
+    assert f"desk on http://127.0.0.1:{web}/" in node.log_path.read_text()
+    with httpx.Client(base_url=f"http://127.0.0.1:{web}") as c:
+        assert c.get("/").headers["location"] == "/login"
+        assert _login(c, ADMIN["name"], ADMIN["password"]).status_code == 303
+        assert c.get("/api/studies").json()["studies"] == []
+    os.kill(node.proc.pid, signal.SIGTERM)
+    assert node.proc.wait(30) == 0
+    assert "Traceback" not in node.log_path.read_text()
+    with socket.socket() as s:  # nothing listens on the desk's port any more (TIME_WAIT connections may remain)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((HOST, web))
