@@ -14,16 +14,18 @@ written to the audit log in ``node.db``.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -137,8 +139,50 @@ def worklist_row(s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class HeatMaps:
+    """Thumbnails of a series' first usable image with the model's heat map, made once and kept on disk.
+
+    The worker records only a model's file name in the result; the node's configuration says
+    which checkpoints that can be. Models are loaded on first use, on ``device``.
+    """
+
+    def __init__(self, folder: Path, checkpoints: list[str], device: str = "cpu") -> None:
+        self.folder, self.device = folder, device
+        self.checkpoints = {Path(c).name: c for c in checkpoints if c}
+        self._models: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def png(self, study: dict[str, Any], series_uid: str, result: dict[str, Any], instances: list[dict]) -> Path:
+        """The PNG of ``result``'s model on the series' first usable instance (made when missing)."""
+        key = hashlib.sha256(f"{study['study_uid']}|{study['revision']}|{series_uid}|{result.get('checkpoint')}"
+                             .encode()).hexdigest()[:32]  # a name that reveals no UID
+        out = self.folder / f"{key}.png"
+        if out.is_file():
+            return out
+        checkpoint = self.checkpoints.get(result.get("checkpoint", ""))
+        if checkpoint is None:
+            raise FileNotFoundError(f"the model {result.get('checkpoint')} is no longer in the node's configuration")
+        paths = [i["path"] for i in instances if i["series_uid"] == series_uid and not i["skipped"]]
+        if not paths:
+            raise FileNotFoundError("no usable image left in the series")
+        from medclass.explain import explain, save_overlay
+        from medclass.inference import Classifier
+
+        with self._lock:  # one model load and one Grad-CAM at a time: the worker needs the CPU more
+            clf = self._models.get(checkpoint)
+            if clf is None:
+                clf = self._models[checkpoint] = Classifier(checkpoint, self.device)
+            ex = explain(clf, clf.read(paths[0]), result.get("label"))
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp.png")
+            save_overlay(ex, tmp, title=f"{result.get('model', '')}: {ex.class_name}")
+            tmp.replace(out)
+        return out
+
+
 def create_app(db: JobDatabase, auth: Authenticator, https: bool = False,
-               on_change: Callable[[], None] = lambda: None, poll_ms: int = 2000) -> Any:
+               on_change: Callable[[], None] = lambda: None, poll_ms: int = 2000,
+               heatmaps: HeatMaps | None = None) -> Any:
     """The desk as an ASGI application.
 
     Parameters
@@ -153,6 +197,8 @@ def create_app(db: JobDatabase, auth: Authenticator, https: bool = False,
         Called after an action changed the queue (the node wakes its worker and sender).
     poll_ms : int
         How often the worklist asks for fresh rows.
+    heatmaps : HeatMaps, optional
+        Makes the study page's heat maps (none without it).
     """
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals["when"] = _when
@@ -280,6 +326,27 @@ def create_app(db: JobDatabase, auth: Authenticator, https: bool = False,
             can_reclassify=st["state"] in (StudyState.CLASSIFIED.value, StudyState.SKIPPED.value,
                                            StudyState.FAILED.value))
 
+    def heatmap(request: Request) -> Response:  # sync: Starlette runs it in a worker thread
+        if session_of(request) is None:
+            return PlainTextResponse("log in first", 401)
+        st = study_or_404(request)
+        if st is None or heatmaps is None:
+            return PlainTextResponse("no such study", 404)
+        series = db.series_of(st["study_uid"])
+        n = request.path_params["n"]
+        results = json.loads(st["result"]) if st["result"] else []
+        if n >= len(series):
+            return PlainTextResponse("no such series", 404)
+        uid = series[n]["series_uid"]
+        chosen = [r for r in results if uid in r.get("series", [])]
+        if not chosen:
+            return PlainTextResponse("the series was not classified", 404)
+        try:
+            path = heatmaps.png(st, uid, chosen[0], db.instances(st["study_uid"], include_skipped=True))
+        except Exception as e:  # a missing model or file: the page shows the alt text
+            return PlainTextResponse(f"no heat map: {e}", 404)
+        return FileResponse(path, media_type="image/png")
+
     # ------------------------------------------------------------------ actions (admin)
 
     async def action(request: Request) -> Response:
@@ -328,6 +395,7 @@ def create_app(db: JobDatabase, auth: Authenticator, https: bool = False,
         Route("/logout", logout, methods=["POST"]),
         Route("/api/studies", studies_json),
         Route("/studies/{row:int}", study),
+        Route("/studies/{row:int}/series/{n:int}/heatmap.png", heatmap),
         Route("/studies/{row:int}/{what:str}", action, methods=["POST"]),
         Route("/studies/{row:int}/outbox/{item:int}/{what:str}", action, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),

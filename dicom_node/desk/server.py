@@ -9,7 +9,7 @@ import time
 from typing import Callable
 
 from dicom_node.config import NodeConfig
-from dicom_node.desk.app import create_app
+from dicom_node.desk.app import HeatMaps, create_app
 from dicom_node.desk.auth import Authenticator
 from dicom_node.jobs import JobDatabase
 from medclass.errors import MedClassError
@@ -41,7 +41,10 @@ class DeskServer:
         self.config = config
         self.https = bool(config.tls)
         self.auth = Authenticator(config.users)
-        self.app = create_app(db, self.auth, https=self.https, on_change=on_change)
+        checkpoints = [config.checkpoint, *(r.get("checkpoint") for r in config.routes)]
+        # Heat maps on the CPU: the GPU, when there is one, is the worker's.
+        heat = HeatMaps(config.data_path / "desk-heatmaps", [c for c in checkpoints if c], device="cpu")
+        self.app = create_app(db, self.auth, https=self.https, on_change=on_change, heatmaps=heat)
         self._server = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None

@@ -221,6 +221,12 @@ def _rows(driver) -> list[str]:
                                  ".map(r => r.innerText);")
 
 
+def _wait_for_heat_map(driver) -> None:
+    wait_until(lambda: driver.execute_script("const i = document.querySelector('img.heatmap');"
+                                             "return i !== null && i.complete && i.naturalWidth > 100;"), 120, 0.5,
+               "the heat map")
+
+
 def _post_action(driver, path: str) -> int:
     """POST an action from the page's own session (with its CSRF token), as a hand-made form would."""
     return driver.execute_async_script(
@@ -283,6 +289,12 @@ def test_a_real_browser_logs_in_watches_studies_arrive_and_an_admin_resends(
     model = __import__("json").loads(result["result"])[0]
     assert model["model"] in driver.find_element(By.ID, "series").text
     assert all(cls in driver.find_element(By.ID, "series").text for cls in model["probabilities"])
+    # The heat map of the series' image (Grad-CAM over the spooled file), loaded as a picture.
+    _wait_for_heat_map(driver)
+    links = driver.execute_script("return Array.from(document.querySelectorAll('[href],[action],[src]'))"
+                                  ".map(e => e.getAttribute('href') || e.getAttribute('action') || e.getAttribute('src'));")
+    assert links and not [link for link in links if uid in link or any(
+        se["series_uid"] in link for se in node.db.series_of(uid))]
     study_url = driver.current_url
 
     # The administrator fixes the PACS and resends: Orthanc receives the report.
@@ -314,6 +326,7 @@ def test_a_real_browser_logs_in_watches_studies_arrive_and_an_admin_resends(
     shots.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(shots / "desk-worklist.png"))
     driver.get(study_url)
+    _wait_for_heat_map(driver)  # made again for the new revision
     driver.save_screenshot(str(shots / "desk-study.png"))
     assert (shots / "desk-study.png").stat().st_size > 0
 
