@@ -60,8 +60,11 @@ class DeskServer:
 
         bind, port = self.config.web_bind, int(self.config.web_port)
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted connections only when the listening
+        # socket says so; without it every keep-alive response waited ~40 ms (Nagle against delayed ACK).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.bind((bind, port))
         except OSError as e:
