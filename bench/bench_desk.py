@@ -30,6 +30,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_node_ingest import (  # noqa: E402
     load_average,
+    other_benchmarks,
     send,
     small_checkpoint,
     versions,
@@ -80,7 +81,13 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if shutil.which("storescu") is None:
         sys.exit("storescu is not installed (Debian: apt-get install dcmtk)")
-    note = None if a.smoke else wait_for_quiet_machine(a.max_wait_minutes, every=10)
+    note = None
+    if not a.smoke:
+        wait_for_quiet_machine(a.max_wait_minutes, every=10)
+        # Named again here, leaving this script's own processes (its timeout/nice wrappers) out.
+        busy = sorted({w for line in other_benchmarks() if "bench_desk" not in line
+                       for w in line.split() if w.endswith(".py") and "bench_" in w})
+        note = f"machine shared with other benchmarks running meanwhile ({', '.join(busy)})" if busy else None
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="bench-desk-") as tmp:
         work = Path(tmp)
