@@ -37,6 +37,13 @@ HERE = Path(__file__).parent
 SESSION_COOKIE = "medclass_desk"
 LOGIN_COOKIE = "medclass_desk_login"  # double-submit token of the login form (the login has no session yet)
 
+#: What an action's redirect may show (by code, so that a crafted link cannot put its own words on the page).
+MESSAGES = {
+    "reclassify": "queued for classification", "reclassify-refused": "not now: the study is arriving or being classified",
+    "resend": "queued to send again", "resend-refused": "already queued",
+    "discard": "discarded", "discard-refused": "only a dead item can be discarded",
+}
+
 #: The worklist's state filter: the study states, and ``dead`` (a report or forward in the dead letter).
 STATE_FILTERS = [s.value for s in StudyState] + ["dead"]
 
@@ -322,7 +329,7 @@ def create_app(db: JobDatabase, auth: Authenticator, https: bool = False,
                  urgent=any(o["urgency"] == "urgent" for o in sends), outbox=sends)),
             results=results, series=series, sends=sends, reports=db.reports(uid),
             quarantined=db.quarantined(uid), audit=db.audit_log(uid, limit=50),
-            message=request.query_params.get("msg", ""),
+            message=MESSAGES.get(request.query_params.get("done", ""), ""),
             can_reclassify=st["state"] in (StudyState.CLASSIFIED.value, StudyState.SKIPPED.value,
                                            StudyState.FAILED.value))
 
@@ -372,22 +379,19 @@ def create_app(db: JobDatabase, auth: Authenticator, https: bool = False,
                 done = db.reclassify(uid)
             except IllegalTransition:
                 done = False
-            msg = "queued for classification" if done else "not now: the study is arriving or being classified"
             detail = f"state was {st['state']}"
         elif what == "resend" and item is not None:
             done = db.resend_item(item["id"])
-            msg = "queued to send again" if done else "already queued"
             detail = f"{item['kind']} → {item['destination']} (was {item['state']})"
         elif what == "discard" and item is not None:
             done = db.discard_item(item["id"])
-            msg = "discarded" if done else "only a dead item can be discarded"
             detail = f"{item['kind']} → {item['destination']} (was {item['state']})"
         else:
             return PlainTextResponse("no such action", 404)
         if done:
             db.record_audit(s.user, what, uid, detail)
             on_change()
-        return RedirectResponse(f"/studies/{st['row_id']}?msg={msg.replace(' ', '+')}", status_code=303)
+        return RedirectResponse(f"/studies/{st['row_id']}?done={what}{'' if done else '-refused'}", status_code=303)
 
     routes = [
         Route("/", worklist),

@@ -380,6 +380,18 @@ def test_the_worklist_puts_urgent_routed_studies_on_top_and_filters_by_state_and
             db.mark_dead(db.outbox("1.9.2")[0]["id"], 1, "refused", day)
             assert uids(state="dead") == ["1.9.2"]
             assert "1.9.2" not in str(c.get("/").url) and "/studies/" in c.get("/").text
+
+            # An administrator discards the dead forward: kept as history, never sent, and audited.
+            row = db.worklist(dead_only=True)[0]["row_id"]
+            item = db.outbox("1.9.2")[0]["id"]
+            csrf = re.search(r'name="csrf" value="([^"]+)"', c.get(f"/studies/{row}").text)[1]
+            r = c.post(f"/studies/{row}/outbox/{item}/discard", data={"csrf": csrf})
+            assert r.headers["location"] == f"/studies/{row}?done=discard"
+            assert db.outbox_item(item)["state"] == "discarded" and db.due(now=1e12)[0]["study_uid"] == "1.9.1"
+            r = c.post(f"/studies/{row}/outbox/{item}/discard", data={"csrf": csrf})  # no longer dead
+            assert r.headers["location"].endswith("done=discard-refused")
+            assert "only a dead item can be discarded" in c.get(r.headers["location"]).text
+            assert [(a["user"], a["action"], a["study_uid"]) for a in db.audit_log()] == [("admin", "discard", "1.9.2")]
     finally:
         server.stop()
         db.close()
