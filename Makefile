@@ -51,10 +51,11 @@ label: install
 # The Debian tools real peers of the tests: Orthanc (PACS), dcmtk, dicom3tools. The tests start
 # their own Orthanc on a free loopback port, so the packages are installed without starting
 # Orthanc's system service (a temporary policy-rc.d says "no" to service starts, as in containers).
-DEBIAN_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools
+DEBIAN_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools chromium chromium-driver
 debian-tools:
 	@if command -v storescu >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null \
-	  && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1; then :; \
+	  && ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1 \
+	  && command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
 	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  echo "The tests need Debian's $(DEBIAN_PACKAGES). Installing them with apt-get$${SUDO:+ (sudo asks for your password)};"; \
 	  echo "Orthanc's system service is NOT started: the tests run their own Orthanc on loopback."; \

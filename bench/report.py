@@ -327,6 +327,25 @@ def calibration_section(runs: list[dict]) -> list[str]:
     return out
 
 
+def desk_section(runs: list[dict]) -> list[str]:
+    if not runs:
+        return []
+    d = runs[-1]
+    rows = ["| page | idle p50 ms | idle p95 ms | under load p50 ms | under load p95 ms | max ms | requests |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for page, path in d["pages"].items():
+        i, u = d["idle"][page], d["under_load"][page]
+        rows.append(f"| {page} (`{path}`) | {i['p50_ms']} | {i['p95_ms']} | {u['p50_ms']} | {u['p95_ms']} | "
+                    f"{u['max_ms']} | {u['requests']} |")
+    return ["## DICOM node: the triage desk under load", "",
+            f"`python bench/bench_desk.py`: {d['what']}; the load lasted {d['load_seconds']} s (ingest "
+            f"{d['ingest_seconds']} s).", "", *rows, "",
+            f"Goal: {d['goal']}: {'met' if d['goal_met'] else 'NOT met'} (worst p95 {d['worst_p95_ms']} ms).", "",
+            f"Conditions: {d['conditions']}; load average before {d['load_average_before']}, after "
+            f"{d['load_average_after']}.", "",
+            f"Measured: {_machine(d['machine'])}.", ""]
+
+
 def main() -> None:
     zoo = _load("zoo-*.json")
     lines = ["# Benchmarks", "",
@@ -338,6 +357,7 @@ def main() -> None:
     lines += text_section(_load("text.json"))
     lines += node_section(_load("node-ingest.json"), _load("node-turnaround.json"))
     lines += node_batch_section(_load("node-batch.json"))
+    lines += desk_section(_load("desk.json"))
     lines += al_section(_load("al-sim.json"))
     lines += calibration_section(_load("calibration*.json"))
     if not any(r["machine"].get("gpu") for r in zoo + _load("speed.json")):

@@ -1,4 +1,5 @@
-"""``medclass node`` (run the node), ``medclass node status`` and ``medclass node resend``.
+"""``medclass node`` (run the node), ``medclass node status``, ``medclass node resend`` and
+``medclass node hash-password`` (a ``password_hash`` for the desk's ``[[users]]``).
 
 ``main(argv)`` so that tests pass argument lists; ``medclass.cli`` delegates here.
 """
@@ -36,8 +37,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fast-path", dest="fast_path", action="store_false", default=None,
                    help="pynetdicom's own association loops and pydicom for the file meta (fast_path = false), "
                    "e.g. on a pynetdicom other than the pinned one")
+    p.add_argument("--web-port", type=int, help="serve the triage desk on this port (0: off)")
+    p.add_argument("--web-bind", help="address the desk listens on (default 127.0.0.1)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
+
+
+def hash_password_main(argv: list[str]) -> int:
+    """Read a password (twice at a terminal, once from a pipe) and print its bcrypt hash for [[users]]."""
+    import getpass
+
+    from dicom_node.desk.auth import hash_password
+
+    p = argparse.ArgumentParser(prog="medclass node hash-password",
+                                description="print the bcrypt hash of a password for password_hash in [[users]] "
+                                            "of node.toml; the password is read from the terminal (not echoed) or "
+                                            "from standard input, never from the command line")
+    p.parse_args(argv)
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise MedClassError("the two passwords differ", "run it again and type the same password twice")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    print(hash_password(password))
+    return 0
 
 
 def status_main(argv: list[str]) -> int:
@@ -93,7 +117,7 @@ def run_main(argv: list[str]) -> int:
                       return_to=a.return_to, stable_seconds=a.stable_seconds, data_dir=a.data_dir,
                       metrics_port=a.metrics_port, device=a.device,
                       scp_processes=a.scp_processes, classify_any_modality=a.classify_any_modality,
-                      fast_path=a.fast_path)
+                      fast_path=a.fast_path, web_port=a.web_port, web_bind=a.web_bind)
     if not cfg.checkpoint and not cfg.routes:
         raise MedClassError("no model to classify with", "pass --checkpoint model.pt or run 'medclass quickstart'")
     # Ctrl-C and SIGTERM (systemd, docker stop) only note the request; the main loop sees it and stops the
@@ -106,7 +130,8 @@ def run_main(argv: list[str]) -> int:
         node = DicomNode(cfg).start()
         print(f"medclass node {cfg.ae_title} on port {node.port}, data in {cfg.data_dir}"
               + (f", SR to {cfg.return_to}" if cfg.return_to else ", no --return-to: SRs stay in the outbox")
-              + (f", metrics on :{node.metrics_port}/metrics" if node.metrics_port else ""), flush=True)
+              + (f", metrics on :{node.metrics_port}/metrics" if node.metrics_port else "")
+              + (f", desk on {node.desk.url}" if node.desk else ""), flush=True)
         node.wait(lambda: bool(requested))
     finally:
         for sig, handler in previous.items():
@@ -121,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return status_main(argv[1:])
         if argv and argv[0] == "resend":
             return resend_main(argv[1:])
+        if argv and argv[0] == "hash-password":
+            return hash_password_main(argv[1:])
         return run_main(argv)
     except MedClassError as e:
         print(f"medclass node: error: {e}", file=sys.stderr)

@@ -11,6 +11,8 @@ A ``node.toml`` (every key optional)::
     stable_seconds = 10
     metrics_port = 9110                        # 0: no /metrics endpoint
     classify_any_modality = false              # true: no [[routes]] means every series, whatever the model's card says
+    web_port = 8090                            # the triage desk (dicom_node.desk); 0: off
+    web_bind = "127.0.0.1"                     # where the desk listens
     scp_processes = 0                          # processes accepting associations; 0: one per core, at most 4
     fast_path = true                           # the C-STORE fast path (needs the pinned pynetdicom); false: pynetdicom's own
     coverage = 0.95                            # of the conformal prediction sets ("uncertain"); 0: none
@@ -30,6 +32,11 @@ A ``node.toml`` (every key optional)::
     when = "malignant >= 0.8"                  # or "malignant at sensitivity >= 0.95", or "uncertain"
     to = "URGENT@10.0.0.9:104"
     priority = "high"
+
+    [[users]]                                  # who may log in to the desk (viewer or admin)
+    name = "admin"
+    role = "admin"
+    password_hash = "$2b$12$..."               # from 'medclass node hash-password'
 
     [tls]                                      # optional (dicom_node.tls)
     cert = "node.crt"                          # the node accepts TLS only, and shows this to peers
@@ -64,7 +71,8 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "stable_seconds": _NUMBER, "metrics_port": int, "scp_processes": int, "device": str, "batch_size": int, "max_send_attempts": int,
     "give_up_after_hours": _NUMBER,
     "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
-    "tls": dict, "classify_any_modality": bool, "fast_path": bool, "coverage": _NUMBER,
+    "tls": dict, "classify_any_modality": bool, "fast_path": bool, "coverage": _NUMBER, "web_port": int,
+    "web_bind": str, "users": list,
 }
 _TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
                    dict: "a [table]", bool: "true or false"}[v] for k, v in _TYPES.items()}
@@ -98,6 +106,9 @@ class NodeConfig:
     fast_path: bool = True
     #: Coverage of the conformal prediction sets (medclass.calibration); 0: no sets, no "uncertain".
     coverage: float = 0.95
+    web_port: int = 0  # the triage desk; 0: off
+    web_bind: str = "127.0.0.1"  # loopback unless said otherwise: the desk shows patient data
+    users: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title.strip()) <= 16:
@@ -144,6 +155,15 @@ class NodeConfig:
                                     'write e.g. ae_title = "ORTHANC", host = "10.0.0.5"')
         if self.tls is not None:
             _check_tls(self.tls)
+        if not 0 <= int(self.web_port) < 65536:
+            raise MedClassError(f"web_port {self.web_port} is out of range", "pass --web-port 8090 (0: no desk)")
+        if self.web_port and self.web_port in (self.port, self.metrics_port):
+            which = "DICOM port" if self.web_port == self.port else "metrics port"
+            raise MedClassError(f"web_port {self.web_port} is the node's {which} too",
+                                "give the desk a port of its own, e.g. --web-port 8090")
+        from dicom_node.desk.auth import check_users
+
+        check_users(self.users)
 
     @property
     def return_destination(self) -> Destination | None:

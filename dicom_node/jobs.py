@@ -17,6 +17,9 @@ Tables
 ``quarantine``  objects set aside, with the reason.
 ``outbox``      the sender's queue (SRs and forwards) with a named :class:`Priority` and an
                 :class:`OutboxState`; ``dead`` is the dead letter.
+``audit``       who did what and when through the triage desk (:mod:`dicom_node.desk`): resend,
+                reclassify, discard. Created by :data:`SCHEMA` at every open (``IF NOT
+                EXISTS``), so an older file gains it with no migration step and keeps it.
 
 Durability: WAL journal, ``synchronous=FULL`` on every connection (a commit survives a
 power cut), one connection per thread.
@@ -29,6 +32,7 @@ Study life cycle (:data:`TRANSITIONS`)::
         |                        +--requeue_interrupted---+    \\-finish_unchanged-> classified (no new SR)
         +------ a new instance (reopen), from any state ------+
     skipped / failed --requeue (medclass node resend)--> ready
+    classified / skipped / failed --reclassify (the desk)--> ready (a new, superseding report)
 
 A transition asked from a state that does not allow it raises :class:`IllegalTransition`,
 except when the study was reopened meanwhile by a new instance (the association threads
@@ -121,6 +125,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     created REAL NOT NULL,
     sent REAL
 );
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    user TEXT NOT NULL,
+    action TEXT NOT NULL,
+    study_uid TEXT,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_study ON audit(study_uid);
 """
 
 #: Columns added since schema version 0: (table, column, declaration).
@@ -154,7 +167,8 @@ TRANSITIONS: dict[StudyState, frozenset[StudyState]] = {
     StudyState.READY: frozenset({StudyState.RECEIVING, StudyState.CLASSIFYING}),
     StudyState.CLASSIFYING: frozenset({StudyState.RECEIVING, StudyState.CLASSIFIED, StudyState.SKIPPED,
                                        StudyState.FAILED, StudyState.READY}),
-    StudyState.CLASSIFIED: frozenset({StudyState.RECEIVING}),
+    # classified -> ready only when a person asks for it (the desk's "reclassify", e.g. after a model change).
+    StudyState.CLASSIFIED: frozenset({StudyState.RECEIVING, StudyState.READY}),
     StudyState.SKIPPED: frozenset({StudyState.RECEIVING, StudyState.READY}),
     StudyState.FAILED: frozenset({StudyState.RECEIVING, StudyState.READY}),
 }
@@ -175,6 +189,7 @@ class OutboxState(str, enum.Enum):
     PENDING = "pending"  # queued, or waiting for its next attempt
     SENT = "sent"  # the peer answered success (or warning)
     DEAD = "dead"  # given up (dead letter): a refusal that will not change, or retried too long
+    DISCARDED = "discarded"  # a dead item a person decided not to send (the desk's "discard"); kept as history
 
 
 class Priority(str, enum.Enum):
@@ -452,6 +467,67 @@ class JobDatabase:
             return self._move(c, study_uid, [StudyState.SKIPPED, StudyState.FAILED], StudyState.READY,
                               "error=NULL, stable=?", (time.time(),))
 
+    def reclassify(self, study_uid: str) -> bool:
+        """classified, skipped or failed → ready, forgetting the digest: the next result is a new report.
+
+        An unchanged study would otherwise give no new report (:meth:`finish_unchanged`); after a
+        model change the person asking wants one, and it supersedes the current one (revision + 1).
+        Raises :class:`IllegalTransition` while the study waits for or is in the worker.
+        """
+        with self.connect() as c:
+            return self._move(c, study_uid, [StudyState.CLASSIFIED, StudyState.SKIPPED, StudyState.FAILED],
+                              StudyState.READY, "error=NULL, digest=NULL, stable=?", (time.time(),))
+
+    def study_by_row(self, row_id: int) -> dict[str, Any] | None:
+        """A study by its row id (the desk names studies so: no UID in a URL)."""
+        row = self.connect().execute("SELECT rowid AS row_id, * FROM studies WHERE rowid=?", (row_id,)).fetchone()
+        return dict(row) if row else None
+
+    def worklist(self, limit: int = 200, states: Sequence[str] = (), since: float | None = None,
+                 until: float | None = None, dead_only: bool = False) -> list[dict[str, Any]]:
+        """Studies for the desk: urgent-routed first, then newest first, with their modalities and outbox.
+
+        Each row has the study's columns, ``row_id``, ``modalities`` (comma-separated),
+        ``urgent`` (an urgent item is queued or sent for it) and ``outbox`` (its items).
+        """
+        where, args = ["1=1"], []
+        if states:
+            where.append(f"s.state IN ({','.join('?' * len(states))})")
+            args += list(states)
+        if since is not None:
+            where.append("s.last_received >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("s.last_received < ?")
+            args.append(until)
+        if dead_only:
+            where.append("EXISTS (SELECT 1 FROM outbox d WHERE d.study_uid=s.study_uid AND d.state=?)")
+            args.append(OutboxState.DEAD.value)
+        c = self.connect()
+        rows = [dict(r) for r in c.execute(
+            "SELECT s.rowid AS row_id, s.*, "
+            "(SELECT GROUP_CONCAT(DISTINCT i.modality) FROM instances i WHERE i.study_uid=s.study_uid) AS modalities, "
+            "EXISTS (SELECT 1 FROM outbox u WHERE u.study_uid=s.study_uid AND u.urgency=?) AS urgent "
+            f"FROM studies s WHERE {' AND '.join(where)} ORDER BY urgent DESC, s.last_received DESC LIMIT ?",
+            (Priority.URGENT.value, *args, limit)).fetchall()]
+        by_uid = {r["study_uid"]: r for r in rows}
+        for r in rows:
+            r["outbox"] = []
+        uids = list(by_uid)
+        for i in range(0, len(uids), 500):  # SQLite's limit on parameters
+            chunk = uids[i:i + 500]
+            for o in c.execute(f"SELECT * FROM outbox WHERE study_uid IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                               chunk).fetchall():
+                by_uid[o["study_uid"]]["outbox"].append(dict(o))
+        return rows
+
+    def series_of(self, study_uid: str) -> list[dict[str, Any]]:
+        """The study's series: UID, modality, number of instances and of instances skipped."""
+        rows = self.connect().execute(
+            "SELECT series_uid, MAX(modality) AS modality, COUNT(*) AS instances, COUNT(skipped) AS skipped "
+            "FROM instances WHERE study_uid=? GROUP BY series_uid ORDER BY MIN(received)", (study_uid,))
+        return [dict(r) for r in rows.fetchall()]
+
     def previous_report(self, study_uid: str, model_key: str, before_revision: int) -> dict[str, Any] | None:
         """The latest report of ``model_key`` on the study below ``before_revision`` (``None``: none)."""
         row = self.connect().execute("SELECT * FROM reports WHERE study_uid=? AND model_key=? AND revision<? "
@@ -506,6 +582,42 @@ class JobDatabase:
         with self.connect() as c:
             c.execute("UPDATE outbox SET state=?, attempts=?, last_error=?, first_failure=? WHERE id=? AND state=?",
                       (OutboxState.DEAD.value, attempts, error, first_failure, item_id, OutboxState.PENDING.value))
+
+    def outbox_item(self, item_id: int) -> dict[str, Any] | None:
+        row = self.connect().execute("SELECT * FROM outbox WHERE id=?", (item_id,)).fetchone()
+        return dict(row) if row else None
+
+    def resend_item(self, item_id: int) -> bool:
+        """One item back to pending, as new: a dead or discarded one, or a sent one the peer lost.
+
+        A sent SR sent again is the same object (same SOP Instance UID); a PACS that still holds
+        it keeps one copy. Returns False when the item is pending already (or unknown).
+        """
+        with self.connect() as c:
+            return bool(c.execute("UPDATE outbox SET state=?, attempts=0, next_attempt=0, first_failure=NULL, "
+                                  "last_error=NULL WHERE id=? AND state IN (?,?,?)",
+                                  (OutboxState.PENDING.value, item_id, OutboxState.DEAD.value,
+                                   OutboxState.DISCARDED.value, OutboxState.SENT.value)).rowcount)
+
+    def discard_item(self, item_id: int) -> bool:
+        """dead → discarded: the item stays as history and is never sent. False unless it was dead."""
+        with self.connect() as c:
+            return bool(c.execute("UPDATE outbox SET state=? WHERE id=? AND state=?",
+                                  (OutboxState.DISCARDED.value, item_id, OutboxState.DEAD.value)).rowcount)
+
+    # ------------------------------------------------------------------ audit
+
+    def record_audit(self, user: str, action: str, study_uid: str | None, detail: str = "") -> None:
+        """One line of the audit log: ``user`` did ``action`` (on ``study_uid``), now."""
+        with self.connect() as c:
+            c.execute("INSERT INTO audit (at, user, action, study_uid, detail) VALUES (?,?,?,?,?)",
+                      (time.time(), user, action, study_uid, detail))
+
+    def audit_log(self, study_uid: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest audit lines, newest first (of one study, or all)."""
+        where, args = ("", ()) if study_uid is None else (" WHERE study_uid=?", (study_uid,))
+        rows = self.connect().execute(f"SELECT * FROM audit{where} ORDER BY id DESC LIMIT ?", (*args, limit))
+        return [dict(r) for r in rows.fetchall()]
 
     def resend_dead(self, study_uid: str | None = None) -> int:
         """dead → pending, as new (no attempts, due now): a study's items, or every one (``None``).

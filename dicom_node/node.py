@@ -60,6 +60,7 @@ class DicomNode:
         self._wake_sender = threading.Event()
         self._threads: list[threading.Thread] = []
         self.metrics_port: int | None = None
+        self.desk = None  # dicom_node.desk.DeskServer when web_port is set
 
     def _stored(self, modality: str, seconds: float, size: int) -> None:
         self.metrics.instances.labels(modality or "?").inc()
@@ -98,12 +99,26 @@ class DicomNode:
                 raise MedClassError(f"cannot serve /metrics on {self.config.bind}:{self.config.metrics_port} "
                                     f"({e.strerror or e})", "pass another --metrics-port, or 0 for none") from None
             log.info("metrics on http://%s:%d/metrics", self.config.bind, self.metrics_port)
+        if self.config.web_port:
+            from dicom_node.desk import DeskServer
+
+            try:
+                self.desk = DeskServer(self.config, self.db, on_change=self._desk_changed).start()
+            except Exception:
+                self.stop()
+                raise
+            log.info("triage desk on %s", self.desk.url)
         for name, fn, wake in (("assembler", self._assemble, self._stop), ("worker", self._work, self._wake_worker),
                                ("sender", self._send, self._wake_sender)):
             t = threading.Thread(target=self._loop, args=(name, fn, wake), name=f"medclass-node-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         return self
+
+    def _desk_changed(self) -> None:
+        """An action on the desk queued work: the worker and the sender look now, not at their next poll."""
+        self._wake_worker.set()
+        self._wake_sender.set()
 
     def _assemble(self) -> float:
         if self.assembler.poll():
@@ -133,6 +148,8 @@ class DicomNode:
             wake.wait(max(timeout, 0.001))
 
     def stop(self) -> None:
+        if self.desk is not None:
+            self.desk.stop()
         self._stop.set()
         self._wake_worker.set()
         self._wake_sender.set()
