@@ -38,9 +38,9 @@ from bench_node_ingest import (  # noqa: E402
     write_instances,
 )
 from common import write_result  # noqa: E402
+from peers import NodeProcess, free_port  # noqa: E402  (tests/peers.py, put on the path by bench_node_ingest)
 
 from dicom_node.desk.auth import hash_password  # noqa: E402
-from dicom_node.peers import NodeProcess, free_port  # noqa: E402
 
 PAGES = {"worklist": "/", "worklist-json": "/api/studies", "study": "/studies/1"}
 
