@@ -119,10 +119,10 @@ def efficientnet_lite0(spatial_dims=2, in_channels=1, num_outputs=2, image_size=
         raise MedClassError("efficientnet-lite0 needs the efficientnet-lite-pytorch package",
                             "pip install efficientnet-lite-pytorch==0.1.0") from None
     # image_size fixes the static 'same' padding of the TensorFlow-ported convolutions.
-    # batch_norm_momentum is TF's (PyTorch momentum = 1 - it): 0.9 gives PyTorch's 0.1, for
-    # the reason given at efficientnet-b0.
-    net = EfficientNet.from_name("efficientnet-lite0", in_channels=in_channels, image_size=image_size,
-                                 batch_norm_momentum=0.9)
+    net = EfficientNet.from_name("efficientnet-lite0", in_channels=in_channels, image_size=image_size)
+    for m in net.modules():  # PyTorch's momentum 0.1, not TF's 0.01: see efficientnet-b0
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
     features = net._fc.in_features
     del net._fc, net._dropout  # the shared head and dropout replace them
     model = MonaiCNN(_LiteBody(net), features, num_outputs, cam_layer="body.net._conv_head", dropout=dropout)
