@@ -573,14 +573,26 @@ def fit_head(model: Any, task: Task, features: np.ndarray, encoded: list, weight
     seed : int
         Seeds torch for reproducible results.
     """
-    import copy
-
     import torch
 
     if not has_linear_head(model):
         raise MedClassError(f"{type(model).__name__} has no linear head on an embedding to refit",
                             "train with mode=full")
     torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few thousand weights: extra threads only wait on each other
+    try:
+        return _fit_head(model, task, features, encoded, weight_decay, max_iter)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_head(model: Any, task: Task, features: np.ndarray, encoded: list, weight_decay: float,
+              max_iter: int) -> Any:
+    import copy
+
+    import torch
+
     new = copy.deepcopy(model).cpu().eval()
     head = new.head.float()
     x = torch.as_tensor(np.asarray(features, dtype=np.float32))

@@ -22,7 +22,7 @@ from lib.datastore import DICOMwebClassificationDatastore, LocalClassificationDa
 from lib.infers.classify import ClassifyInfer  # noqa: E402
 from lib.scoring.uncertainty import NAME as SCORING  # noqa: E402
 from lib.scoring.uncertainty import UncertaintyScoring, ensure_scored  # noqa: E402
-from lib.trainers.classify import ClassifyTrain  # noqa: E402
+from lib.trainers.classify import ClassifyTrain, HeadRefitter  # noqa: E402
 from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 
@@ -88,6 +88,17 @@ class MedClassApp(MONAILabelApp):
 
     def init_trainers(self):
         return {name: ClassifyTrain(slot, self.cfg) for name, slot in self.cfg.models.items()}
+
+    def on_save_label(self, image_id, label_id):
+        res = super().on_save_label(image_id, label_id)
+        if self.cfg.retrain_on_label and self._server_mode:
+            # Refit the served heads in this process (seconds), not in a training subprocess.
+            for name, slot in self.cfg.models.items():
+                if slot.refitter is None and slot.published.exists and name in self._trainers:
+                    slot.refitter = HeadRefitter(self._trainers[name], self.datastore())
+                if slot.refitter is not None:
+                    slot.refitter.request()
+        return res
 
     def init_strategies(self):
         return {name: ClassificationStrategy(name, self.cfg) for name in STRATEGIES}

@@ -3,7 +3,8 @@ scores ready at start, MONAI Label's classification format, publication only of 
 that is no worse, the fast (head-only) retraining, and anonymous clients never starved.
 
 One server (this module's ``loop_server``) serves the session's small resnet18 over 48
-real Br35H JPEGs and one corrupt file; the tests run in file order.
+real Br35H JPEGs and one corrupt file; the tests run in file order. A second one, with
+the default settings, shows the server refitting the head by itself after labels.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ def loop_server(tmp_path_factory, trained, br35h_dir, label_server_launcher):
             truth[f"{cls}_{p.stem}"] = names[cls]
     (studies / "broken_image.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG" * 10)
     card = read_card(trained / "model.pt")
+    # The server's own refit after each label is off here: these tests drive publication
+    # through POST /train, one run at a time (test_the_server_refits_after_a_label covers it).
     proc, url = start(studies, base / "models", base / "server.log",
-                      {"models": "resnet18", "checkpoint": str(trained / "model.pt"), "epochs": "1"})
+                      {"models": "resnet18", "checkpoint": str(trained / "model.pt"), "epochs": "1",
+                       "retrain_on_label": "false"})
     try:
         yield {"url": url, "model": "resnet18", "truth": truth, "task": Task(**card["task"]), "log": base / "server.log"}
     finally:
@@ -182,3 +186,43 @@ def test_an_anonymous_client_is_not_starved_after_training(loop_server):
     assert got in left[1:]
     for _ in range(3):
         assert client.next_sample("margin", {})["id"] != got
+
+
+@pytest.fixture(scope="module")
+def refit_server(tmp_path_factory, trained, br35h_dir, label_server_launcher):
+    import shutil
+
+    start, stop = label_server_launcher
+    base = tmp_path_factory.mktemp("label-refit")
+    studies = base / "studies"
+    studies.mkdir()
+    truth = {}
+    for cls, name in (("yes", "tumour"), ("no", "no tumour")):
+        for p in sorted((br35h_dir / cls).glob("*.jpg"))[200:208]:
+            shutil.copy(p, studies / f"{cls}_{p.stem}.jpg")
+            truth[f"{cls}_{p.stem}"] = name
+    proc, url = start(studies, base / "models", base / "server.log",
+                      {"models": "resnet18", "checkpoint": str(trained / "model.pt")})
+    try:
+        yield {"url": url, "model": "resnet18", "truth": truth}
+    finally:
+        stop(proc)
+
+
+def test_the_server_refits_after_a_label_and_the_next_sample_uses_it(refit_server, tmp_path):
+    url, model, truth = refit_server["url"], refit_server["model"], refit_server["truth"]
+    client = MONAILabelClient(url, client_id="reader-1")
+    ids = sorted(truth)
+    for i in ids[:4] + ids[-4:]:  # four of each class, through MONAI Label's client
+        f = tmp_path / "label.json"
+        f.write_text(json.dumps({"label": truth[i]}))
+        client.save_label(i, str(f), tag="final")
+    res = client.next_sample("entropy", {})  # waits for the refit the labels asked for
+    info = requests.get(f"{url}/info/", timeout=60).json()["train_stats"][model]
+    run, version = info["last_run"], info["version"]
+    assert run is not None and run["mode"] == "head", run
+    assert run["images"] == 8 and run["published"] == (run["new_score"] >= run["served_score"])
+    assert run["version"] == version
+    assert res["id"] in ids[4:-4]
+    scored = {k: v["image"]["info"]["medclass"][model] for k, v in _objects(url).items()}
+    assert {s["version"] for s in scored.values()} == {version}

@@ -56,6 +56,8 @@ class ClassificationStrategy(Strategy):
         if model not in self.cfg.models:
             raise HTTPException(status_code=404, detail=f"no model {model!r}; served: {', '.join(self.cfg.models)}")
         slot = self.cfg.models[model]
+        if slot.refitter is not None and not slot.refitter.wait(self.cfg.refit_wait_seconds):
+            log.warning("%s: the head refit after the last labels is still running; answering without it", model)
         if self.name in SCORED and slot.published.version is not None:
             # Images without a score from the served model (the start-up scoring still
             # running, or images added since) are scored now rather than answered with a 409.

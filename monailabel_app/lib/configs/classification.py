@@ -24,6 +24,9 @@
 ``mc_samples``            Monte-Carlo dropout passes for BALD (default 10)
 ``score_on_start``        score the datastore with the served model when the server
                           starts (default ``true``)
+``retrain_on_label``      refit the served model's head in the server after every
+                          saved label, publish it if no worse and re-score (default
+                          ``true``): the next sample is ready about a second later
 ``device``                ``auto`` (GPU when present), ``cpu`` or ``cuda``
 ``dicomweb_filter``       QIDO search filter (JSON) for a DICOMweb datastore; default:
                           every image series of every modality
@@ -35,6 +38,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from medclass.checkpoint import read_card
 from medclass.errors import MedClassError
@@ -55,6 +59,7 @@ class ModelSlot:
     published: PublishedModel
     image_size: int
     dimension: int = 2
+    refitter: Any = None  # the server's HeadRefitter, once a label was saved (lib.trainers.classify)
 
 
 @dataclass
@@ -67,6 +72,8 @@ class AppConfig:
     hold_seconds: float = 600.0
     mc_samples: int = 10
     score_on_start: bool = True
+    retrain_on_label: bool = True
+    refit_wait_seconds: float = 120.0
     device: str = "auto"
     dicomweb_filter: dict = field(default_factory=dict)
 
@@ -105,6 +112,10 @@ def _json_conf(conf: dict[str, str], key: str) -> dict:
     return value
 
 
+def _flag(conf: dict[str, str], key: str, default: bool = True) -> bool:
+    return str(conf.get(key, default)).strip().lower() in ("1", "true", "yes", "on")
+
+
 def _train_mode(conf: dict[str, str]) -> str:
     mode = (conf.get("train_mode") or "head").strip().lower()
     if mode not in ("head", "full"):
@@ -135,7 +146,8 @@ def load_config(app_dir: str, conf: dict[str, str]) -> AppConfig:
         init=_init(conf),
         hold_seconds=float(conf.get("hold_seconds", 600)),
         mc_samples=int(conf.get("mc_samples", 10)),
-        score_on_start=str(conf.get("score_on_start", "true")).lower() in ("1", "true", "yes", "on"),
+        score_on_start=_flag(conf, "score_on_start"),
+        retrain_on_label=_flag(conf, "retrain_on_label"),
         device=conf.get("device", "auto"),
         dicomweb_filter=_json_conf(conf, "dicomweb_filter"),
     )

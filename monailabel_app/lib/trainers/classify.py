@@ -26,6 +26,8 @@ import copy
 import datetime as _dt
 import json
 import logging
+import os
+import threading
 import time
 from dataclasses import fields
 from typing import Any
@@ -107,6 +109,9 @@ class ClassifyTrain(TrainTask):
             except MedClassError as e:
                 log.warning("skipping the label of %s: %s", i, e)
         served = self.slot.published.exists
+        auto = bool(request.get("auto"))  # the server's own refit after a label: head mode or nothing
+        if auto and not served:
+            return {"published": False, "skipped": "no model is served yet"}
         probe = False
         if mode == "head" and not served:
             if request.get("init") or self.cfg.init:
@@ -119,6 +124,8 @@ class ClassifyTrain(TrainTask):
             if mode == "head":
                 clf = self.slot.published.classifier()
                 if not has_linear_head(clf.loaded.model):
+                    if auto:
+                        return {"published": False, "skipped": f"{self.slot.name} has no linear head to refit"}
                     print(f"{self.slot.name} has no linear head on an embedding: training the whole model",
                           flush=True)
                     mode = "full"
@@ -188,16 +195,20 @@ class ClassifyTrain(TrainTask):
         card["metrics"].update(split="heldout", model=name)
         card["training"] = {"mode": "head", "warm_start": version, "encoder": "served model's, unchanged",
                             "seconds": round(fit_s, 2)}
-        run = self._run_dir()
-        ckpt = save_checkpoint(run / "model.pt", net, card)
-        new_version = self.slot.published.publish(ckpt)
+        # No run folder per refit (one per label when the server refits by itself): the
+        # candidate is written beside the served file and published from there.
+        ckpt = save_checkpoint(self.slot.published.path.with_name(f".head-{os.getpid()}.pt"), net, card)
+        try:
+            new_version = self.slot.published.publish(ckpt)
+        finally:
+            ckpt.unlink(missing_ok=True)
         # Same encoder, same embeddings: re-score from them (no image is read) before the
         # task reports done, so every strategy answers at once with the new model.
         t1 = time.time()
         all_emb = load_embeddings(self.cfg, name, version)
         all_emb.update(emb)
         report = rescore_from_embeddings(self.cfg, name, datastore, net, new_version, all_emb)
-        summary.update(version=new_version, run=str(run), rescored=report["scored"],
+        summary.update(version=new_version, rescored=report["scored"],
                        rescore_seconds=round(time.time() - t1, 2))
         return summary
 
@@ -276,3 +287,47 @@ class ClassifyTrain(TrainTask):
     def _summary(self, decision: PublicationDecision, items, n_train: int, n_heldout: int) -> dict[str, Any]:
         return {**decision.as_dict(), "images": len(items), "n_train": n_train, "n_heldout": n_heldout,
                 "message": None if decision.publish else decision.reason}
+
+
+class HeadRefitter:
+    """Refits the served model's head in the server process after labels are saved.
+
+    MONAI Label runs ``POST /train`` in a new Python process, which spends most of
+    a fast run importing torch and the app; the same head refit done here, in the
+    server, makes the next sample ready about a second after a label. Labels
+    saved while a refit runs are taken by one more refit (they coalesce). A
+    next-sample request waits for a pending refit (:meth:`wait`), so it ranks with
+    the scores of the model that has seen every label. The refit publishes only a
+    model that is no worse on the held-out labels, as every training run does.
+    """
+
+    def __init__(self, trainer: ClassifyTrain, datastore) -> None:
+        self.trainer, self.datastore = trainer, datastore
+        self._cond = threading.Condition()
+        self._pending = self._running = False
+        threading.Thread(target=self._loop, name=f"medclass-refit-{trainer.slot.name}", daemon=True).start()
+
+    def request(self) -> None:
+        """Ask for a refit (returns at once)."""
+        with self._cond:
+            self._pending = True
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until no refit is pending or running; False when ``timeout`` ran out."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not (self._pending or self._running), timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending)
+                self._pending, self._running = False, True
+            try:
+                self.trainer({"mode": "head", "auto": True}, self.datastore)
+            except Exception:  # noqa: BLE001 - a failed refit must not stop the server; the next label retries
+                log.exception("refitting the head of %s failed", self.trainer.slot.name)
+            finally:
+                with self._cond:
+                    self._running = False
+                    self._cond.notify_all()
