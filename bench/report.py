@@ -183,11 +183,11 @@ def label_wait_section(runs: list[dict]) -> list[str]:
             out.append(f"| {names[flow]} | {f['rounds']} | {f['median_s']:.2f} | {f['p90_s']:.2f} | "
                        f"{f['max_s']:.2f} | {f['median_next_sample_s']:.3f} | {f['published']} of {f['rounds']} |")
     out.append("")
-    tasks = [x["task_seconds"] for x in r["rounds"] if x.get("task_seconds") is not None]
+    tasks = [x["task_seconds"] for x in r["rounds"] if x.get("task_seconds") is not None and x["flow"] == "label"]
     if tasks:
-        out += [f"The refit itself (labels read, head fit, publication, re-scoring {c['images']:,} images from "
-                f"the embeddings) took a median {float(np.median(tasks)):.2f} s. A *train* round adds MONAI "
-                "Label starting a Python process that imports torch and the app.", ""]
+        out += [f"The server's refit itself (labels read, head fit, publication, re-scoring {c['images']:,} images "
+                f"from the embeddings) took a median {float(np.median(tasks)):.2f} s of the *label* rounds' wait. A "
+                "*train* round adds MONAI Label starting a Python process that imports torch and the app.", ""]
     met = {flow: sm[flow]["met"] for flow in ("label", "train") if flow in sm}
     out += [f"Goal: at most {sm['goal_s']:.0f} s from a label to the next sample, on 2 CPU cores. Measured: "
             + "; ".join(f"{names[k]}: median {sm[k]['median_s']:.2f} s — {'met' if v else 'not met'}"
