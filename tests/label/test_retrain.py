@@ -96,6 +96,8 @@ def test_infer_carries_monai_labels_classification_format(loop_server, tmp_path)
     client = MONAILabelClient(loop_server["url"], tmpdir=str(tmp_path))
     image_id = sorted(loop_server["truth"])[0]
     _, params = client.infer(loop_server["model"], image_id, {})
+    # Without a result file MONAI Label's client hands back the JSON body undecoded.
+    params = json.loads(params) if isinstance(params, (bytes, str)) else params
     pred = params["prediction"]
     classes = loop_server["task"].classes
     assert [p["idx"] for p in pred] == list(range(len(classes)))
@@ -226,3 +228,46 @@ def test_the_server_refits_after_a_label_and_the_next_sample_uses_it(refit_serve
     assert res["id"] in ids[4:-4]
     scored = {k: v["image"]["info"]["medclass"][model] for k, v in _objects(url).items()}
     assert {s["version"] for s in scored.values()} == {version}
+
+
+@pytest.fixture(scope="module")
+def init_server(tmp_path_factory, trained, br35h_dir, label_server_launcher):
+    """A new project: no checkpoint served, ``--conf init`` names a model.pt to start from."""
+    import shutil
+
+    start, stop = label_server_launcher
+    base = tmp_path_factory.mktemp("label-init")
+    studies = base / "studies"
+    studies.mkdir()
+    truth = {}
+    for cls, name in (("yes", "tumour"), ("no", "no tumour")):
+        for p in sorted((br35h_dir / cls).glob("*.jpg"))[300:306]:
+            shutil.copy(p, studies / f"{cls}_{p.stem}.jpg")
+            truth[f"{cls}_{p.stem}"] = name
+    proc, url = start(studies, base / "models", base / "server.log",
+                      {"models": "resnet18", "classes": "no tumour,tumour", "image_size": "32",
+                       "init": str(trained / "model.pt")})
+    try:
+        yield {"url": url, "model": "resnet18", "truth": truth, "model_dir": base / "models"}
+    finally:
+        stop(proc)
+
+
+def test_the_first_training_starts_from_conf_init(init_server):
+    from medclass.checkpoint import read_card
+
+    url, model, truth = init_server["url"], init_server["model"], init_server["truth"]
+    assert _version(url, model) is None  # nothing served yet
+    ids = sorted(truth)  # six of each class
+    for i in ids[1:-1]:
+        _put_label(url, i, truth[i])
+    run = _train(url, model, {})  # the default request: a head on the initial encoder
+    assert run["mode"] == "probe" and run["published"] is True and run["served_score"] is None, run
+    card = read_card(init_server["model_dir"] / model / "model.pt")
+    assert card["training"]["init"]["path"] == "model.pt"
+    assert card["training"]["config"]["freeze_encoder"] is True
+    # Published, so scored before the task was done: a score strategy answers at once.
+    res = MONAILabelClient(url).next_sample("margin", {})
+    assert res["id"] in (ids[0], ids[-1])
+    scored = {k: v["image"]["info"]["medclass"][model] for k, v in _objects(url).items()}
+    assert {s["version"] for s in scored.values()} == {_version(url, model)}
