@@ -121,3 +121,26 @@ def test_scores_from_embeddings_equal_the_pool_scores_of_the_same_model():
     for m in ("entropy", "margin", "least-confidence"):
         np.testing.assert_allclose(mine[m], pool[m], rtol=1e-4, atol=1e-5)
     assert mine["bald"].shape == (6,) and (mine["bald"] >= -1e-9).all()
+
+
+def _load_config(tmp_path, conf):
+    import sys
+    from pathlib import Path
+
+    app = str(Path(__file__).resolve().parents[2] / "monailabel_app")
+    if app not in sys.path:
+        sys.path.insert(0, app)
+    from lib.configs.classification import load_config
+
+    return load_config(str(tmp_path), {"classes": "no tumour,tumour", "model_dir": str(tmp_path / "m"), **conf})
+
+
+def test_the_app_config_reads_the_training_settings(tmp_path):
+    cfg = _load_config(tmp_path, {})
+    assert cfg.train_mode == "head" and cfg.init is None and cfg.retrain_on_label and cfg.score_on_start
+    cfg = _load_config(tmp_path, {"train_mode": "full", "init": "imagenet", "retrain_on_label": "false"})
+    assert cfg.train_mode == "full" and str(cfg.init) == "imagenet" and not cfg.retrain_on_label
+    with pytest.raises(MedClassError, match="no such file"):
+        _load_config(tmp_path, {"init": str(tmp_path / "missing.pt")})
+    with pytest.raises(MedClassError, match="not a training mode"):
+        _load_config(tmp_path, {"train_mode": "fast"})
