@@ -126,7 +126,8 @@ def test_a_worse_model_is_kept_and_force_publishes_it(loop_server):
     published; with ``force`` it is, and the datastore is re-scored with it."""
     url, model, truth, task = loop_server["url"], loop_server["model"], loop_server["truth"], loop_server["task"]
     ids = sorted(truth)[:16] + sorted(truth)[-16:]  # both classes
-    split = heldout_split([(i, "", [truth[i]]) for i in ids], task)
+    earlier = {k for k, v in _objects(url).items() if v.get("labels", {}).get("final")}  # labelled right before
+    split = heldout_split([(i, "", [truth[i]]) for i in sorted(set(ids) | earlier)], task)
     other = {"tumour": "no tumour", "no tumour": "tumour"}
     for i in ids:
         _put_label(url, i, truth[i] if split[i] == "test" else other[truth[i]])
