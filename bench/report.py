@@ -157,6 +157,50 @@ def node_section(ingest: list[dict], turn: list[dict]) -> list[str]:
     return out
 
 
+def label_wait_section(runs: list[dict]) -> list[str]:
+    """The annotator's wait through the MONAI Label app (bench/bench_label_wait.py)."""
+    if not runs:
+        return []
+    r = runs[-1]
+    c, sm = r["config"], r["summary"]
+    out = ["## MONAI Label app: the annotator's wait", "",
+           f"`python bench/bench_label_wait.py`: the real MONAI Label server with this app on loopback, a "
+           f"datastore of {c['images']:,} Br35H JPEGs, served model: {c['checkpoint']}. Each round, over HTTP: "
+           "the label of the image just handed out (`PUT /datastore/label`), the fast retraining (the served "
+           "model's head refitted on the stored embeddings, published only if no worse on the held-out labels, "
+           f"the datastore re-scored from the embeddings), then `POST /activelearning/{c['strategy']}`. "
+           "*label* rounds leave the refit to the server (it refits by itself after a label); *train* rounds "
+           "send `POST /train` with the default request and poll `GET /train/` every 0.2 s until it is done "
+           f"(MONAI Label runs it in a new Python process). From {c['seed_labels']} labels.", "",
+           f"Server start: {r['server_start_s']:.1f} s; scoring the datastore at start (the first "
+           f"`/activelearning` answer waits for it): {r['startup_scoring_s']:.1f} s.", "",
+           "| round | n | label → next sample, median s | p90 s | max s | of which the next-sample request, "
+           "median s | published |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    names = {"label": "label, the server refits", "train": "label, then POST /train"}
+    for flow in ("label", "train"):
+        f = sm.get(flow)
+        if f:
+            out.append(f"| {names[flow]} | {f['rounds']} | {f['median_s']:.2f} | {f['p90_s']:.2f} | "
+                       f"{f['max_s']:.2f} | {f['median_next_sample_s']:.3f} | {f['published']} of {f['rounds']} |")
+    out.append("")
+    tasks = [x["task_seconds"] for x in r["rounds"] if x.get("task_seconds") is not None and x["flow"] == "label"]
+    if tasks:
+        out += [f"The server's refit itself (labels read, head fit, publication, re-scoring {c['images']:,} images "
+                f"from the embeddings) took a median {float(np.median(tasks)):.2f} s of the *label* rounds' wait. A "
+                "*train* round adds MONAI Label starting a Python process that imports torch and the app.", ""]
+    met = {flow: sm[flow]["met"] for flow in ("label", "train") if flow in sm}
+    out += [f"Goal: at most {sm['goal_s']:.0f} s from a label to the next sample, on 2 CPU cores. Measured: "
+            + "; ".join(f"{names[k]}: median {sm[k]['median_s']:.2f} s — {'met' if v else 'not met'}"
+                        for k, v in met.items()) + ".", ""]
+    la, lb = r.get("load_average_after"), r.get("load_average_before")
+    if r.get("shared_machine_note") or (lb and lb[0] > (r["machine"].get("cores") or 2)):
+        out += [f"Conditions: the machine was shared with other jobs (load average {lb} before, {la} after"
+                + (f"; {r['shared_machine_note']}" if r.get("shared_machine_note") else "") + "): the figures "
+                "are upper bounds for a machine of its own.", ""]
+    out += [f"Measured: {_machine(r['machine'])}.", ""]
+    return out
+
+
 def node_batch_section(runs: list[dict]) -> list[str]:
     if not runs:
         return []
@@ -360,6 +404,7 @@ def main() -> None:
     lines += desk_section(_load("desk.json"))
     lines += al_section(_load("al-sim.json"))
     lines += calibration_section(_load("calibration*.json"))
+    lines += label_wait_section(_load("label-wait.json"))
     if not any(r["machine"].get("gpu") for r in zoo + _load("speed.json")):
         lines += ["## GPU", "", "No GPU figures yet: the sessions that measured these had no GPU machine. "
                   "`bench/bench_speed.py` and `bench/bench_zoo.py` run unchanged on one (`--device auto`, bf16 "

@@ -139,6 +139,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedModel:
     """Load a checkpoint for inference (eval mode, on ``device``)."""
     card = read_card(path)
+    if card.get("kind") == "encoder":
+        raise MedClassError(f"{path} is an encoder from 'medclass pretrain' (no trained classifier head): it "
+                            "cannot classify", f"train a classifier from it: medclass train --init {path} ...")
     task = Task(**card["task"])
     args = dict(card["model"]["args"])
     name = card["model"]["name"]

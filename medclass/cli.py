@@ -83,7 +83,7 @@ def _train_config(a):
         task=a.task, spatial_dims=a.spatial_dims, depth=a.depth, channels=a.channels, denoise=a.denoise,
         enhance=a.enhance, crop_foreground=a.crop_foreground, augment=not a.no_augment,
         channels_last=a.channels_last, compile=a.compile, max_minutes=a.max_minutes, limit=a.limit,
-        aggregation=a.aggregation, progress=not a.quiet,
+        aggregation=a.aggregation, progress=not a.quiet, init=a.init, freeze_encoder=a.freeze_encoder,
         modality=a.modality, body_part=a.body_part,
     )
 
@@ -320,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--modality", help="DICOM modality of the images, e.g. MR or CR,DX (default: from the DICOM "
                    "headers or the built-in dataset); the node classifies only such series")
     s.add_argument("--body-part", help="DICOM Body Part Examined of the images, e.g. BRAIN (default: as --modality)")
+    s.add_argument("--init", metavar="PATH", help="start from these weights: an encoder from 'medclass pretrain', "
+                   "a model.pt (another task gets a new head), a state dict of the same architecture, or a name "
+                   "the model offers ('imagenet' for efficientnet-lite0)")
+    s.add_argument("--freeze-encoder", action="store_true",
+                   help="linear probe: train only the classifier head (the parameters 'head.*')")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_train)
 

@@ -19,13 +19,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
 from medclass.data.sources import LabelledSet, Sample
 from medclass.errors import MedClassError
 from medclass.tasks import Task
+
+if TYPE_CHECKING:
+    import torch
 
 #: Where the app keeps an image's scores in the datastore's image info.
 SCORES_KEY = "medclass"
@@ -108,9 +111,16 @@ def encode_label(names: list[str], task: Task) -> int | list[int]:
     return task.classes.index(names[0])
 
 
-def labelled_set(name: str, items: Iterable[tuple[str, str, list[str]]], task: Task) -> LabelledSet:
-    """A :class:`~medclass.data.LabelledSet` from ``(image id, image path, class names)`` triples."""
-    samples = [Sample(key, encode_label(names, task), path) for key, path, names in items]
+def labelled_set(name: str, items: Iterable[tuple[str, str, list[str]]], task: Task,
+                 splits: dict[str, str] | None = None) -> LabelledSet:
+    """A :class:`~medclass.data.LabelledSet` from ``(image id, image path, class names)`` triples.
+
+    ``splits`` (image id -> ``"train"`` / ``"test"``, from :func:`heldout_split`)
+    fixes each image's split, so :func:`medclass.training.train` evaluates on
+    the same held-out images the served model is compared on.
+    """
+    samples = [Sample(key, encode_label(names, task), path, split=(splits or {}).get(key))
+               for key, path, names in items]
     if not samples:
         raise MedClassError("no labelled images", "label some images first (PUT /datastore/label)")
     counts = np.bincount([s.label for s in samples], minlength=len(task.classes)) \
@@ -194,6 +204,48 @@ def reserved_ids(infos: dict[str, dict], hold_seconds: float, now: float | None 
         if r and now - float(r.get("ts", 0)) < hold_seconds:
             out.add(image_id)
     return out
+
+
+def candidate_pools(unlabelled: Iterable[str], infos: dict[str, dict], client: str | None, hold_seconds: float,
+                    now: float | None = None) -> tuple[list[str], list[str]]:
+    """The images a next-sample request may get: first choice and fallback.
+
+    Parameters
+    ----------
+    unlabelled : iterable of str
+        Unlabelled image ids.
+    infos : dict
+        Image id -> image info (holds the hand-out records).
+    client : str or None
+        The asking annotator's ``client_id``; None for an anonymous client
+        (``MONAILabelClient``'s default).
+    hold_seconds : float
+        How long a hand-out stays reserved.
+
+    Returns
+    -------
+    free : list of str
+        Images nobody else holds. A named client may get back the images it
+        holds; for an anonymous request every live hand-out counts as another
+        annotator's, so two anonymous annotators asking at once get different
+        images.
+    fallback : list of str
+        Images held by anonymous hand-outs, oldest first. Anonymous annotators
+        cannot be told apart, so when the free images are used up (or none of
+        them can be ranked) these are handed out again rather than starving the
+        client that holds them (or anyone else). Images held by a named client
+        are never in it: they stay reserved for that client.
+    """
+    now = time.time() if now is None else now
+    free, held = [], []
+    for i in unlabelled:
+        r = (infos.get(i) or {}).get(RESERVED_KEY)
+        live = bool(r) and now - float(r.get("ts", 0)) < hold_seconds
+        if not live or (client is not None and r.get("client") == client):
+            free.append(i)
+        elif r.get("client") is None:
+            held.append((float(r.get("ts", 0)), i))
+    return free, [i for _ts, i in sorted(held)]
 
 
 def choose_next(
@@ -343,3 +395,271 @@ def score_images(
             scores[i] = {"scores": {m: round(v, 6) for m, v in values.items()}}
             embeddings[i] = np.asarray(out["embedding"][j], dtype=np.float32)
     return scores, embeddings
+
+
+# --------------------------------------------------------------------------- publication
+
+#: Fewest labelled images of each class before a training run: one to learn from, one
+#: held out to compare the new model with the served one.
+MIN_LABELS_PER_CLASS = 2
+#: Share of the labelled images held out from training to compare models on.
+HELDOUT_FRACTION = 0.2
+
+
+def _hash_fraction(image_id: str) -> float:
+    """A stable number in [0, 1) per image id: the held-out rule must not move as labels grow."""
+    return int(hashlib.sha1(image_id.encode("utf-8")).hexdigest()[:12], 16) / 16**12
+
+
+def heldout_split(items: list[tuple[str, str, list[str]]], task: Task,
+                  fraction: float = HELDOUT_FRACTION) -> dict[str, str]:
+    """Split labelled images into training images and held-out ones, by image id.
+
+    An image is held out when the hash of its id falls below ``fraction``, so
+    the same image stays held out in every later run (the served model never
+    trained on it, which keeps the comparison fair); every class (every
+    finding, for multi-label) keeps at least one held-out image and one
+    training image.
+
+    Parameters
+    ----------
+    items : list of (str, str, list of str)
+        ``(image id, path, class names)`` of every labelled image.
+    task : Task
+        The labelling task.
+    fraction : float
+        Share held out.
+
+    Returns
+    -------
+    dict
+        Image id -> ``"train"`` or ``"test"`` (held out).
+
+    Raises
+    ------
+    MedClassError
+        Fewer than :data:`MIN_LABELS_PER_CLASS` labelled images of some class.
+    """
+    members: dict[str, list[str]] = {c: [] for c in task.classes}
+    for key, _path, names in items:
+        for n in names:
+            members[n].append(key)
+    short = {c: len(v) for c, v in members.items() if len(v) < MIN_LABELS_PER_CLASS}
+    if short:
+        counts = ", ".join(f"{c}: {n}" for c, n in short.items())
+        raise MedClassError(f"too few labels to train and compare with the served model ({counts}; "
+                            f"{len(items)} labelled in all)",
+                            f"label at least {MIN_LABELS_PER_CLASS} images of every class "
+                            "(one is held out to check that a new model is no worse than the served one)")
+    split = {key: ("test" if _hash_fraction(key) < fraction else "train") for key, _p, _n in items}
+    for keys in members.values():
+        ranked = sorted(keys, key=_hash_fraction)
+        if not any(split[k] == "test" for k in keys):
+            split[ranked[0]] = "test"
+        if not any(split[k] == "train" for k in keys):
+            split[ranked[-1]] = "train"
+    return split
+
+
+def heldout_score(task: Task, y: np.ndarray, probs: np.ndarray) -> tuple[str, float]:
+    """The number two models are compared by on held-out images, and its name.
+
+    Quadratic weighted kappa for ordinal tasks, else the (macro) AUC; accuracy
+    where the AUC is undefined (e.g. a multi-label finding without a negative).
+    """
+    from medclass.metrics import compute_metrics
+
+    m = compute_metrics(task.type, np.asarray(y), np.asarray(probs, dtype=np.float64), list(task.classes))
+    if task.type == "ordinal" and m.get("qwk") is not None:
+        return "qwk", float(m["qwk"])
+    if m.get("auc") is not None:
+        return "auc", float(m["auc"])
+    return "accuracy", float(m["accuracy"])
+
+
+@dataclass
+class PublicationDecision:
+    """Whether a newly trained model replaces the served one, and why."""
+
+    publish: bool
+    reason: str
+    metric: str
+    new_score: float
+    served_score: float | None
+    n_heldout: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"published": self.publish, "reason": self.reason, "metric": self.metric,
+                "new_score": round(self.new_score, 6),
+                "served_score": None if self.served_score is None else round(self.served_score, 6),
+                "n_heldout": self.n_heldout}
+
+
+def decide_publication(task: Task, y: np.ndarray, new_probs: np.ndarray, served_probs: np.ndarray | None,
+                       force: bool = False) -> PublicationDecision:
+    """Publish a new model only when it scores at least as well as the served one.
+
+    Parameters
+    ----------
+    task : Task
+        The labelling task.
+    y : np.ndarray
+        Targets of the held-out images (class indices, or 0/1 rows for multi-label).
+    new_probs, served_probs : np.ndarray
+        ``(N, K)`` probabilities of the new and the served model on the same images;
+        ``served_probs`` is None when nothing is served yet.
+    force : bool
+        Publish whatever the scores (the annotation lead's explicit choice).
+    """
+    metric, new = heldout_score(task, y, new_probs)
+    served = heldout_score(task, y, served_probs)[1] if served_probs is not None else None
+    n = len(y)
+    if served is None:
+        return PublicationDecision(True, "no model was served yet", metric, new, None, n)
+    if force:
+        return PublicationDecision(True, f"forced (held-out {metric} {new:.4f} vs the served model's {served:.4f})",
+                                   metric, new, served, n)
+    if new >= served:
+        return PublicationDecision(True, f"held-out {metric} {new:.4f} >= the served model's {served:.4f} "
+                                         f"on the same {n} images", metric, new, served, n)
+    return PublicationDecision(False, f"kept the served model: held-out {metric} {new:.4f} < its {served:.4f} "
+                                      f"on the same {n} images (train with force=true to publish anyway)",
+                               metric, new, served, n)
+
+
+# --------------------------------------------------------------------------- fast retraining
+
+def has_linear_head(model: Any) -> bool:
+    """Whether ``model`` is ``head(forward_features(x))`` with a linear head (the zoo's torch models)."""
+    import torch.nn as nn
+
+    return (isinstance(model, nn.Module) and callable(getattr(model, "forward_features", None))
+            and isinstance(getattr(model, "head", None), nn.Linear))
+
+
+def targets(task: Task, encoded: list) -> torch.Tensor:
+    """Encoded labels (:func:`encode_label`) as a training target tensor."""
+    import torch
+
+    if task.type == "multilabel":
+        return torch.tensor(np.asarray(encoded, dtype=np.float32))
+    return torch.tensor(np.asarray(encoded, dtype=np.int64))
+
+
+def fit_head(model: Any, task: Task, features: np.ndarray, encoded: list, weight_decay: float = 1e-3,
+             max_iter: int = 100, seed: int = 0) -> Any:
+    """A copy of ``model`` whose linear head is refitted on fixed embeddings.
+
+    The encoder is left as it is; the head (a multinomial / one-vs-rest logistic
+    regression, or the ordinal model's cumulative logits) is fitted by L-BFGS on
+    the full batch with the task's class-weighted loss and an L2 penalty,
+    starting from the served head: a convex problem of a few thousand weights,
+    solved in well under a second on a CPU.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model with :func:`has_linear_head`.
+    task : Task
+        The labelling task.
+    features : np.ndarray
+        ``(N, F)`` embeddings (``forward_features`` in eval mode) of the training images.
+    encoded : list
+        Their labels, as :func:`encode_label` gives them.
+    weight_decay : float
+        L2 penalty on the head's weights (not its bias).
+    max_iter : int
+        L-BFGS iterations.
+    seed : int
+        Seeds torch for reproducible results.
+    """
+    import torch
+
+    if not has_linear_head(model):
+        raise MedClassError(f"{type(model).__name__} has no linear head on an embedding to refit",
+                            "train with mode=full")
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few thousand weights: extra threads only wait on each other
+    try:
+        return _fit_head(model, task, features, encoded, weight_decay, max_iter)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_head(model: Any, task: Task, features: np.ndarray, encoded: list, weight_decay: float,
+              max_iter: int) -> Any:
+    import copy
+
+    import torch
+
+    new = copy.deepcopy(model).cpu().eval()
+    head = new.head.float()
+    x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    y = targets(task, encoded)
+    criterion = task.loss(task.class_weights(y.numpy()))
+    params = [p for p in head.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = criterion(head(x), y) + weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    for p in new.parameters():
+        p.requires_grad_(False)
+    return new
+
+
+def head_probabilities(model: Any, task: Task, features: np.ndarray) -> np.ndarray:
+    """``(N, K)`` class probabilities of ``model``'s head on embeddings ``features``."""
+    import copy
+
+    import torch
+
+    head = copy.deepcopy(model.head).float().cpu()  # the model itself stays where it is
+    with torch.inference_mode():
+        x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        return task.probabilities(head(x)).numpy().astype(np.float64)
+
+
+def scores_from_embeddings(model: Any, task: Task, features: np.ndarray, methods: Iterable[str] | None = None,
+                           mc_samples: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
+    """Uncertainty scores from stored embeddings and the model's head, without reading an image.
+
+    The same quantities :func:`medclass.active.score_pool` computes, for a model
+    whose only change is its head: probabilities from ``head(embedding)``; BALD
+    samples the dropout that precedes the head (the model's own ``dropout``
+    layer, else :data:`medclass.active.FALLBACK_DROPOUT`), as
+    :func:`~medclass.active.mc_dropout_probabilities` does for the zoo's models.
+    """
+    import copy
+
+    import torch
+
+    from medclass.active import FALLBACK_DROPOUT, SCORE_METHODS, bald, uncertainty
+
+    methods = list(methods or SCORE_METHODS)
+    probs = head_probabilities(model, task, features)
+    out: dict[str, np.ndarray] = {}
+    for m in methods:
+        if m != "bald":
+            out[m] = uncertainty(probs, m, task.type)
+    if "bald" in methods:
+        drop = getattr(model, "dropout", None)
+        p = float(drop.p) if isinstance(drop, torch.nn.Dropout) and drop.p > 0 else FALLBACK_DROPOUT
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        head = copy.deepcopy(model.head).float().cpu()
+        rows = []
+        with torch.inference_mode():
+            for _ in range(mc_samples):
+                mask = (torch.rand(x.shape, generator=gen) >= p).float() / (1 - p)
+                rows.append(task.probabilities(head(x * mask)).numpy())
+        out["bald"] = bald(np.stack(rows).astype(np.float64), task.type)
+    return out

@@ -68,6 +68,10 @@ class TrainConfig:
     modality: str | None = None
     body_part: str | None = None
     progress: bool = True
+    # Initial weights (medclass.transfer.load_init): an encoder from 'medclass pretrain', a
+    # model.pt, a state dict, or a name the model offers ("imagenet" for efficientnet-lite0).
+    init: str | None = None
+    freeze_encoder: bool = False  # linear probe: only the head (parameters "head.*") trains
     model_args: dict[str, Any] = field(default_factory=dict)
 
     def preprocess_spec(self) -> dict[str, Any]:
@@ -189,6 +193,7 @@ def train(cfg: TrainConfig, ds: LabelledSet | None = None,
         "modality": codes(cfg.modality) or ds.modality, "body_part": codes(cfg.body_part) or ds.body_part,
     }
     model = create_model(cfg.model, **model_args)
+    init_report = _initialise(model, cfg)
     history: list[dict[str, float]] = []
     t1 = time.perf_counter()
     if isinstance(model, nn.Module):
@@ -223,6 +228,10 @@ def train(cfg: TrainConfig, ds: LabelledSet | None = None,
             "device": str(device), "world_size": world, "parameters": count_parameters(model),
             "torch": torch.__version__, "python": platform.python_version(), "history": history,
         }
+        if init_report is not None:
+            training["init"] = init_report.as_card()
+        if cfg.freeze_encoder:
+            training["trained_parameters"] = "head"
         card = make_card(cfg.model, model_args, task, spec, ds.class_codes, card_data,
                          {k: v for k, v in result_metrics.items() if k not in ("per_class", "per_label")},
                          training, cfg.aggregation)
@@ -239,6 +248,21 @@ def train(cfg: TrainConfig, ds: LabelledSet | None = None,
     return TrainResult(ckpt, result_metrics, history)
 
 
+def _initialise(model: Any, cfg: TrainConfig):
+    """Apply ``cfg.init`` and ``cfg.freeze_encoder``; returns the :class:`~medclass.transfer.InitReport`."""
+    from medclass.transfer import freeze_encoder, load_init
+
+    report = None
+    if cfg.init:
+        report = load_init(model, cfg.init)
+        log.info("%s", report.summary())
+    if cfg.freeze_encoder:
+        if not cfg.init:
+            log.warning("--freeze-encoder without --init: the head trains on a randomly initialised encoder")
+        freeze_encoder(model)
+    return report
+
+
 def _best_epoch(history: list[dict[str, float]]) -> int | None:
     if not history:
         return None
@@ -248,7 +272,7 @@ def _best_epoch(history: list[dict[str, float]]) -> int | None:
 def optimiser(model: nn.Module, lr: float, weight_decay: float,
               total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.OneCycleLR]:
     """AdamW with a one-cycle learning-rate schedule over ``total_steps`` (the recipe of every medclass fit)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, total_steps), pct_start=0.15)
     return opt, sched
 
@@ -309,6 +333,10 @@ def _fit_torch(model: nn.Module, cfg: TrainConfig, task, sets: dict[str, TensorS
     val_loaded = LoadedModel(model, {}, task, device)
     for epoch in range(1, cfg.epochs + 1):
         net.train()
+        if cfg.freeze_encoder:
+            from medclass.transfer import encoder_eval
+
+            encoder_eval(model)  # a linear probe keeps the encoder's BatchNorm statistics
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen)[rank::world]
         batches = range(0, len(perm), cfg.batch_size)

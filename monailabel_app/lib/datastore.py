@@ -69,14 +69,27 @@ class ClassificationLabels:
         return parse_label(Path(uri).read_bytes(), self.task)
 
     def update_image_infos(self, infos: dict[str, dict[str, Any]]) -> None:
-        """Merge ``infos`` into many images' info with one write of the datastore file."""
-        with self._info_lock:
-            self._init_from_datastore_file()
+        """Merge ``infos`` into many images' info with one write of the datastore file.
+
+        The read, the merge and the write happen under the datastore's file lock:
+        the training and scoring subprocesses write scores while the server records
+        hand-outs, and neither may lose the other's update.
+        """
+        from filelock import FileLock
+        from monailabel.datastore.local import LocalDatastoreModel
+
+        with self._info_lock, FileLock(self._lock_file):
+            path = self._datastore_config_path
+            if os.path.exists(path) and os.stat(path).st_mtime != self._config_ts:
+                with open(path) as fp:
+                    self._datastore = LocalDatastoreModel.model_validate_json(fp.read())
+                self._datastore.base_path = self._datastore_path
+                self._config_ts = os.stat(path).st_mtime
             for image_id, info in infos.items():
                 obj = self._datastore.objects.get(image_id)
                 if obj is not None:
                     obj.image.info.update(info)
-            self._update_datastore_file()
+            self._update_datastore_file(lock=False)
 
     def image_infos(self) -> dict[str, dict[str, Any]]:
         """Every image's info (scores, reservations)."""

@@ -192,7 +192,8 @@ def test_training_reports_metrics_and_changes_the_served_model(label_server):
                            timeout=120).json()
     for image_id in label_server.image_ids:  # label everything (40 images, both classes)
         assert _put_label(label_server, image_id, {"label": label_server.truth[image_id]}).status_code == 200
-    r = requests.post(f"{url}/train/{model}", json={"max_epochs": 2}, timeout=60)
+    # A full fine-tune, forced: a worse model is otherwise kept (see test_retrain.py).
+    r = requests.post(f"{url}/train/{model}", json={"max_epochs": 2, "mode": "full", "force": True}, timeout=60)
     assert r.status_code == 200, r.text
     status = _wait_for(label_server, "train")
     assert status["status"] == "DONE", status
@@ -200,6 +201,7 @@ def test_training_reports_metrics_and_changes_the_served_model(label_server):
     assert metric_lines, status["details"]
     metrics = json.loads(metric_lines[-1][len("metrics "):])
     assert metrics["images"] == 40 and metrics["accuracy"] is not None
+    assert metrics["mode"] == "full" and metrics["published"] is True and metrics["n_heldout"] >= 2
     stats = requests.get(f"{url}/info/", timeout=60).json()["train_stats"][model]
     assert stats["version"] == metrics["version"] and stats["accuracy"] == metrics["accuracy"]
     after = requests.post(f"{url}/infer/{model}", params={"image": label_server.image_ids[0], "output": "json"},

@@ -222,7 +222,7 @@ def test_train_reports_progress_until_done_then_stop_ends_a_run(label_server, cl
     assert final.state == "DONE", final.message
     assert final.fraction == 1.0 and not final.running
 
-    client.train(label_server.model, {"max_epochs": 50})
+    client.train(label_server.model, {"max_epochs": 50, "mode": "full"})  # long enough to stop
     while not client.train_status(check_if_running=True):  # the process starts on a worker thread
         time.sleep(0.2)
     assert training_progress(client.train_status()).running

@@ -4,9 +4,13 @@ Strategies: ``random``, ``entropy``, ``margin``, ``least-confidence``,
 ``bald``, ``coreset`` (k-center on the model's embeddings: diversity, for the
 cold start) and ``hybrid`` (the most uncertain few, then the one farthest from
 what is labelled). The ranking lives in :func:`medclass.labeling.choose_next`;
-this class reads the stored scores, skips images handed out to another
-annotator in the last ``hold_seconds`` and records the hand-out before it
-answers, under a lock, so two annotators asking at once get different images.
+this class reads the stored scores (scoring first any image the served model
+has not scored), skips images handed out to another annotator in the last
+``hold_seconds`` and records the hand-out before it answers, under a lock, so
+two annotators asking at once get different images. An anonymous client (no
+``client_id``) is never starved by hand-outs it cannot be told apart from:
+when nothing else is left, an anonymously held image is handed out again
+(:func:`medclass.labeling.candidate_pools`).
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.configs.classification import AppConfig
-from lib.scoring.uncertainty import load_embeddings
+from lib.scoring.uncertainty import ensure_scored, load_embeddings
 from medclass.errors import MedClassError
-from medclass.labeling import RESERVED_KEY, SCORES_KEY, choose_next, reserved_ids
+from medclass.labeling import RESERVED_KEY, SCORES_KEY, candidate_pools, choose_next
 
 log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
+
+#: Strategies that rank by the scoring run's scores or embeddings.
+SCORED = frozenset({"entropy", "margin", "least-confidence", "bald", "coreset", "hybrid"})
 
 DESCRIPTIONS = {
     "random": "a random unlabelled image",
@@ -49,29 +56,40 @@ class ClassificationStrategy(Strategy):
         if model not in self.cfg.models:
             raise HTTPException(status_code=404, detail=f"no model {model!r}; served: {', '.join(self.cfg.models)}")
         slot = self.cfg.models[model]
-        # Without a client id every request counts as another annotator: an image
-        # handed out stays reserved for hold_seconds. With one, an annotator may get
-        # back the image they were given and have not labelled yet.
+        if slot.refitter is not None and not slot.refitter.wait(self.cfg.refit_wait_seconds):
+            log.warning("%s: the head refit after the last labels is still running; answering without it", model)
+        if self.name in SCORED and slot.published.version is not None:
+            # Images without a score from the served model (the start-up scoring still
+            # running, or images added since) are scored now rather than answered with a 409.
+            ensure_scored(self.cfg, model, datastore)
         client = request.get("client_id")
         with _LOCK:
             infos = datastore.image_infos()
-            busy = reserved_ids({i: v for i, v in infos.items()
-                                 if client is None or (v.get(RESERVED_KEY) or {}).get("client") != client},
-                                self.cfg.hold_seconds)
-            candidates = [i for i in datastore.get_unlabeled_images() if i not in busy]
+            free, fallback = candidate_pools(datastore.get_unlabeled_images(), infos, client,
+                                             self.cfg.hold_seconds)
             version = slot.published.version
             scores = {i: v[SCORES_KEY][model] for i, v in infos.items()
                       if (v.get(SCORES_KEY) or {}).get(model, {}).get("version") == version}
             emb = load_embeddings(self.cfg, model, version) if self.name in ("coreset", "hybrid") else None
-            try:
-                picked = choose_next(self.name, candidates, scores, emb, datastore.get_labeled_images(),
-                                     seed=request.get("seed"))
-            except MedClassError as e:
-                raise HTTPException(status_code=409, detail=f"{self.name}: {e.message}. {e.remedy}") from None
+            labelled = datastore.get_labeled_images()
+            picked, error = None, None
+            for pool in ([free, free + fallback] if fallback else [free]):
+                try:
+                    picked = choose_next(self.name, pool, scores, emb, labelled, seed=request.get("seed"))
+                except MedClassError as e:
+                    error = e
+                    continue
+                if picked is not None:
+                    break
+            if picked is None and error is not None:
+                raise HTTPException(status_code=409, detail=f"{self.name}: {error.message}. {error.remedy}")
             if picked is None:
-                log.info("%s: nothing left to label (%d reserved by others)", self.name, len(busy))
+                log.info("%s: nothing left to label (%d unlabelled, all held by other annotators)", self.name,
+                         len(datastore.get_unlabeled_images()))
                 return {}
             image_id, detail = picked
+            if image_id in fallback:
+                detail["rehanded"] = True  # held by an anonymous hand-out: nothing else was left
             datastore.update_image_infos({image_id: {RESERVED_KEY: {"client": client, "ts": time.time(),
                                                                     "strategy": self.name}}})
         log.info("%s picked %s (%s)", self.name, image_id, detail)

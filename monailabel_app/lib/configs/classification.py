@@ -10,10 +10,23 @@
                           project without a checkpoint yet
 ``model_dir``             where published checkpoints live (default ``<app>/model``)
 ``image_size``            training input size (default: the checkpoint's, else 64)
-``epochs``                default training epochs (a request's ``max_epochs`` wins)
+``epochs``                default epochs of a full training run (a request's
+                          ``max_epochs`` wins)
+``train_mode``            what ``POST /train`` does by default: ``head`` (refit the
+                          served model's linear head on its embeddings: seconds)
+                          or ``full`` (fine-tune the whole model); default ``head``
+``init``                  an encoder checkpoint (``medclass pretrain``), a
+                          ``model.pt`` or a named initialisation (``imagenet``) the
+                          first training run starts from (``head`` mode: a linear
+                          probe on it; ``full``: fine-tuned)
 ``hold_seconds``          how long an image handed out by ``/activelearning`` stays
                           reserved for its annotator (default 600)
 ``mc_samples``            Monte-Carlo dropout passes for BALD (default 10)
+``score_on_start``        score the datastore with the served model when the server
+                          starts (default ``true``)
+``retrain_on_label``      refit the served model's head in the server after every
+                          saved label, publish it if no worse and re-score (default
+                          ``true``): the next sample is ready about a second later
 ``device``                ``auto`` (GPU when present), ``cpu`` or ``cuda``
 ``dicomweb_filter``       QIDO search filter (JSON) for a DICOMweb datastore; default:
                           every image series of every modality
@@ -25,6 +38,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from medclass.checkpoint import read_card
 from medclass.errors import MedClassError
@@ -45,6 +59,7 @@ class ModelSlot:
     published: PublishedModel
     image_size: int
     dimension: int = 2
+    refitter: Any = None  # the server's HeadRefitter, once a label was saved (lib.trainers.classify)
 
 
 @dataclass
@@ -52,8 +67,13 @@ class AppConfig:
     models: dict[str, ModelSlot] = field(default_factory=dict)
     model_dir: Path = Path("model")
     epochs: int = 10
+    train_mode: str = "head"
+    init: Path | None = None
     hold_seconds: float = 600.0
     mc_samples: int = 10
+    score_on_start: bool = True
+    retrain_on_label: bool = True
+    refit_wait_seconds: float = 120.0
     device: str = "auto"
     dicomweb_filter: dict = field(default_factory=dict)
 
@@ -92,6 +112,28 @@ def _json_conf(conf: dict[str, str], key: str) -> dict:
     return value
 
 
+def _flag(conf: dict[str, str], key: str, default: bool = True) -> bool:
+    return str(conf.get(key, default)).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _train_mode(conf: dict[str, str]) -> str:
+    mode = (conf.get("train_mode") or "head").strip().lower()
+    if mode not in ("head", "full"):
+        raise MedClassError(f"--conf train_mode {mode!r} is not a training mode", "use head or full")
+    return mode
+
+
+def _init(conf: dict[str, str]) -> Path | None:
+    if not conf.get("init"):
+        return None
+    p = Path(conf["init"])
+    if not p.is_file() and any(c in conf["init"] for c in "/\\."):
+        raise MedClassError(f"--conf init {p}: no such file",
+                            "pass an encoder checkpoint ('medclass pretrain'), a model.pt, or a name the "
+                            "model offers (e.g. imagenet for efficientnet-lite0)")
+    return p  # a file, or a named initialisation that medclass.transfer.load_init resolves
+
+
 def load_config(app_dir: str, conf: dict[str, str]) -> AppConfig:
     """Parse ``conf`` and prepare one :class:`ModelSlot` per model."""
     names = [n.strip() for n in (conf.get("models") or DEFAULT_MODEL).split(",") if n.strip()]
@@ -100,8 +142,12 @@ def load_config(app_dir: str, conf: dict[str, str]) -> AppConfig:
     cfg = AppConfig(
         model_dir=Path(conf.get("model_dir") or Path(app_dir) / "model"),
         epochs=int(conf.get("epochs", 10)),
+        train_mode=_train_mode(conf),
+        init=_init(conf),
         hold_seconds=float(conf.get("hold_seconds", 600)),
         mc_samples=int(conf.get("mc_samples", 10)),
+        score_on_start=_flag(conf, "score_on_start"),
+        retrain_on_label=_flag(conf, "retrain_on_label"),
         device=conf.get("device", "auto"),
         dicomweb_filter=_json_conf(conf, "dicomweb_filter"),
     )

@@ -20,7 +20,8 @@ class ClassifyInfer(InferTask):
 
     The JSON result has ``label`` (class name, or names for multi-label),
     ``probabilities`` (class → probability), ``classes``, ``model`` and
-    ``model_version``. With ``{"heatmap": true}`` in the request parameters the
+    ``model_version``, and MONAI Label's classification format,
+    ``prediction``: ``[{"idx", "label", "score"}, ...]``, one entry per class. With ``{"heatmap": true}`` in the request parameters the
     result file is the Grad-CAM / attention heat map, in [0, 1], on the input's
     voxel grid (NRRD); without it there is no result file.
     """
@@ -54,7 +55,11 @@ class ClassifyInfer(InferTask):
             raise HTTPException(status_code=422, detail=f"{e.message}. {e.remedy}") from None
         result = {"label": pred.label, "probabilities": pred.probabilities, "classes": list(clf.classes),
                   "model": self.slot.name, "model_version": self.slot.published.version,
-                  "task": clf.task.type}
+                  "task": clf.task.type,
+                  # MONAI Label's own classification result (its ClassificationWriter), so clients
+                  # written for MONAI Label's classifiers read it.
+                  "prediction": [{"idx": k, "label": c, "score": float(pred.probabilities[c])}
+                                 for k, c in enumerate(clf.classes)]}
         if not _truthy(request.get("heatmap")):
             return None, result
         from medclass.explain import explain, to_image_space
