@@ -80,6 +80,21 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def _cmd_pretrain(a) -> int:
+    from medclass.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(data=a.data, model=a.model, out=a.out, method=a.method, image_size=a.image_size,
+                         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, max_minutes=a.max_minutes,
+                         device=a.device, seed=a.seed, progress=not a.quiet)
+    res = pretrain(cfg)
+    print(f"wrote {res.encoder}: {cfg.method} on {res.images} images, {res.epochs}/{cfg.epochs} epochs, "
+          f"{res.images_per_second:.0f} images/s")
+    if res.epochs < cfg.epochs:
+        print("run the same command again to continue")
+    print(f"next: medclass train --data ... --model {cfg.model} --init {res.encoder} [--freeze-encoder]")
+    return 0
+
+
 def _cmd_evaluate(a) -> int:
     from medclass.evaluation import evaluate_checkpoint
     from medclass.metrics import format_metrics
@@ -273,6 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear probe: train only the classifier head (the parameters 'head.*')")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("pretrain", help="self-supervised pretraining on unlabelled images; writes DIR/encoder.pt",
+                       description="SimCLR on any --data form (labels ignored) or a folder of images/DICOM "
+                       "(nested, mixed formats; unreadable files are skipped with a count). Resumable: run the "
+                       "same command again after Ctrl-C or --max-minutes.")
+    s.add_argument("--data", required=True, help="a folder of images, or any --data form of 'train'")
+    s.add_argument("--model", default="resnet18", help="a name from 'medclass models' (its encoder is trained)")
+    s.add_argument("--out", required=True, help="output folder (encoder.pt, pretrain_state.pt)")
+    s.add_argument("--method", default="simclr", choices=["simclr"])
+    s.add_argument("--epochs", type=int, default=20)
+    s.add_argument("--batch-size", type=int, default=128, help="images per batch (two views each)")
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--max-minutes", type=float, help="stop after this long (a re-run continues)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=_cmd_pretrain)
 
     s = sub.add_parser("evaluate", help="metrics, confidence intervals and plots on a dataset")
     s.add_argument("--checkpoint", required=True)
