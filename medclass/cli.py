@@ -216,8 +216,13 @@ def _cmd_al_sim(a) -> int:
     # Flags left out keep SimulationConfig's defaults, which live in one place.
     names = ("data", "model", "image_size", "initial", "per_round", "budget", "seeds", "strategies",
              "hybrid_score", "epochs", "min_steps", "batch_size", "lr", "mc_samples", "split_seed", "target",
-             "device", "threads")
+             "device", "threads", "init")
     given = {n: getattr(a, n) for n in names if getattr(a, n) is not None}
+    if a.init:
+        # On frozen embeddings a round costs a linear fit: label in small steps.
+        for k, v in (("initial", 10), ("per_round", 10), ("budget", 300), ("strategies",
+                     ("random", "margin", "typiclust", "typiclust+margin"))):
+            given.setdefault(k, v)
     if a.model_arg is not None:
         given["model_args"] = dict(a.model_arg)
     cfg = SimulationConfig(**given)
@@ -364,7 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", type=int, help="stop when this many images are labelled")
     s.add_argument("--seeds", type=_csv(int), help="comma-separated, e.g. 0,1,2")
     s.add_argument("--strategies", type=_csv(str), help="comma-separated, from random, entropy, margin, "
-                   "least-confidence, bald, coreset, hybrid")
+                   "least-confidence, bald, coreset, hybrid, typiclust; with --init also COLD+SCORE "
+                   "(e.g. typiclust+margin: the first images by typiclust, then margin)")
+    s.add_argument("--init", metavar="ENCODER", help="simulate on the frozen embeddings of this encoder "
+                   "(medclass pretrain), model.pt or named init (with --model efficientnet-lite0: imagenet), "
+                   "a logistic-regression head per round; defaults then: --initial 10 --per-round 10 "
+                   "--budget 300 --strategies random,margin,typiclust,typiclust+margin")
     s.add_argument("--hybrid-score", help="the uncertainty the hybrid strategy shortlists by")
     s.add_argument("--epochs", type=int, help="passes over the labelled images per round")
     s.add_argument("--min-steps", type=int, help="at least this many optimiser steps per round")

@@ -152,6 +152,10 @@ def train(cfg: TrainConfig, ds: LabelledSet | None = None,
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     info = model_info(cfg.model)
+    if cfg.init and Path(cfg.init).is_file():
+        from medclass.transfer import read_weights
+
+        read_weights(cfg.init)  # a file that is not weights fails now, not after reading the data
     ds = ds or load_dataset(cfg.data, cfg.task)
     task = ds.task
     splits = split_samples(ds, cfg.seed)
