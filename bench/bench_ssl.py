@@ -89,8 +89,11 @@ def run_features(a) -> None:
     torch.set_num_threads(a.threads)
     ds = load_dataset("br35h")
     splits = split_samples(ds, 0)
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray] = dict(np.load(FEATURES)) if FEATURES.is_file() else {}
     timing = {}
+    prev = RESULTS / "ssl-features.json"
+    if prev.is_file():
+        timing = json.loads(prev.read_text()).get("timing", {})
     for size in sorted({SSL_SIZE, IMAGENET_SIZE}):
         spec = TrainConfig(data="br35h", image_size=size).preprocess_spec()
         pool, test = materialize(ds, splits["train"], spec), materialize(ds, splits["test"], spec)
@@ -102,6 +105,8 @@ def run_features(a) -> None:
         if size == IMAGENET_SIZE:
             inits += [("imagenet", "efficientnet-lite0", {}, "imagenet")]
         for name, model_name, args, init in inits:
+            if name not in a.inits:
+                continue
             if init is not None and name == "simclr" and not Path(init).is_file():
                 print(f"no encoder at {init}: run 'pretrain' first; skipping simclr")
                 continue
@@ -166,8 +171,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-minutes", type=float, default=30)
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a CPU others are using too")
-    p.add_argument("--budget", type=int, default=300)
-    p.add_argument("--strategies", nargs="+", default=["random", "margin", "typiclust", "typiclust+margin"])
+    p.add_argument("--budget", type=int, default=200)
+    p.add_argument("--inits", nargs="+", default=["scratch", "simclr", "imagenet"])
+    p.add_argument("--strategies", nargs="+", default=["random", "margin", "typiclust+margin"])
     a = p.parse_args()
     {"pretrain": run_pretrain, "features": run_features, "probe": run_probe}[a.stage](a)
     print(f"results in {RESULTS}")

@@ -483,9 +483,9 @@ def test_typiclust_goes_to_the_clusters_nothing_labelled_covers():
     from medclass.active import typiclust
 
     x, cluster = _blobs(5, 30)
-    labelled = x[cluster < 2][:10]  # clusters 0 and 1 have labels already
+    labelled = x[cluster < 2]  # every image of blobs 0 and 1 is labelled already
     picks = typiclust(x, labelled, 3, seed=0)
-    assert sorted(cluster[picks]) == [2, 3, 4]
+    assert len(set(picks)) == 3 and set(cluster[picks]) <= {2, 3, 4}
 
 
 def test_typiclust_needs_embeddings():

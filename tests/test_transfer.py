@@ -64,14 +64,13 @@ def test_train_from_an_encoder_with_a_frozen_encoder(encoder, tmp_path, capsys):
             assert torch.equal(before[k], after[k]), k
 
 
-def test_train_width_mismatch_without_model_args_is_one_line(encoder, tmp_path, capsys):
-    # 'train' builds cbam-resnet18 at its default width 32; the encoder is width 8.
-    rc = main(["train", "--data", "br35h", "--model", "cbam-resnet18", "--out", str(tmp_path / "x"),
+def test_train_from_an_encoder_of_another_model_is_one_line(encoder, tmp_path, capsys):
+    rc = main(["train", "--data", "br35h", "--model", "resnet18", "--out", str(tmp_path / "x"),
                "--image-size", "32", "--epochs", "1", "--limit", "20", "--device", "cpu", "-q", "--init",
                str(encoder)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
-    assert "does not fit" in err[0] and "shape" in err[0]
+    assert "does not fit" in err[0] and "a cbam-resnet18 checkpoint" in err[0] and "missing body." in err[0]
 
 
 def test_a_model_of_another_task_gets_a_new_head(encoder, tmp_path):
