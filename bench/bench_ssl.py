@@ -5,7 +5,6 @@ Usage::
     python bench/bench_ssl.py pretrain   # SimCLR on the pool's images (labels unused); resumable
     python bench/bench_ssl.py features   # frozen embeddings of pool and test for each initialisation
     python bench/bench_ssl.py probe      # linear probes and cold-start active learning on them
-    python bench/bench_ssl.py report     # the markdown table for BENCHMARKS.md
 
 The pool is Br35H's training split (2,100 images), the held-out set its test split
 (450), split by medclass with seed 0, as in ``bench_al.py``. Pretraining sees only the
@@ -167,34 +166,9 @@ def run_probe(a) -> None:
     write_result("ssl-probe", result)
 
 
-def _fmt(ci: dict, digits: int = 0) -> str:
-    if not ci or ci.get("mean") is None:
-        return "-"
-    if ci["n"] < 2:
-        return f"{ci['mean']:.{digits}f}"
-    return f"{ci['mean']:.{digits}f} [{ci['lo']:.{digits}f}, {ci['hi']:.{digits}f}]"
-
-
-def run_report(a) -> None:
-    """Print BENCHMARKS.md's table from bench/results/ssl-probe.json."""
-    res = json.loads((RESULTS / "ssl-probe.json").read_text())
-    print("| initialisation | full-data AUC | target (95 %) | strategy | labels to reach it, mean [95 % CI] | "
-          "per seed | vs random | AUC at 100 labels, mean [95 % CI] |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, e in res["inits"].items():
-        al = e["al"]
-        for strat, r in al["strategies"].items():
-            per_seed = ", ".join("-" if v is None else str(v) for v in r["per_seed"].values())
-            ratio = "-" if r["ratio_to_random"] is None else f"{r['ratio_to_random']:.2f}"
-            at100 = [next((p["auc"] for p in c if p["labels"] == 100), None) for c in e["curves"][strat].values()]
-            print(f"| {name} | {e['full_auc']:.4f} | {al['target_auc']:.4f} | {strat} | "
-                  f"{_fmt(e['labels_ci'][strat])} ({r['reached']}/{r['seeds']} seeds) | {per_seed} | {ratio} | "
-                  f"{_fmt(_ci(at100), 4)} |")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["pretrain", "features", "probe", "report"])
+    p.add_argument("stage", choices=["pretrain", "features", "probe"])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-minutes", type=float, default=30)
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a CPU others are using too")
@@ -202,7 +176,8 @@ def main() -> None:
     p.add_argument("--inits", nargs="+", default=["scratch", "simclr", "imagenet"])
     p.add_argument("--strategies", nargs="+", default=["random", "margin", "typiclust+margin"])
     a = p.parse_args()
-    {"pretrain": run_pretrain, "features": run_features, "probe": run_probe, "report": run_report}[a.stage](a)
+    {"pretrain": run_pretrain, "features": run_features, "probe": run_probe}[a.stage](a)
+    print("python bench/report.py puts the figures into BENCHMARKS.md")
     print(f"results in {RESULTS}")
 
 
