@@ -1132,6 +1132,7 @@ def simulate_with_init(cfg: SimulationConfig, on_round: Callable[[dict[str, Any]
     from medclass.training import TrainConfig
     from medclass.transfer import load_init
 
+    t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model_name, args, size = cfg.model, dict(cfg.model_args), cfg.image_size
@@ -1161,7 +1162,7 @@ def simulate_with_init(cfg: SimulationConfig, on_round: Callable[[dict[str, Any]
     embed_s = time.perf_counter() - t0
     result = simulate_embeddings(cfg, pe, pool.y.numpy(), te, test.y.numpy(), ds.task, on_round)
     result.update(dataset=ds.name, init=report.as_card(), model=model_name, image_size=size,
-                  embed_seconds=round(embed_s, 1))
+                  embed_seconds=round(embed_s, 1), wall_seconds=round(time.perf_counter() - t_start, 1))
     return result
 
 

@@ -145,3 +145,14 @@ def test_efficientnet_lite0_imagenet_init_loads():
     assert not torch.equal(before, m.body.net._blocks[0]._depthwise_conv.weight)
     with pytest.raises(MedClassError, match="named initialisation"):
         load_init(create_model("resnet18"), "imagenet")
+
+
+def test_al_sim_on_an_encoders_embeddings(encoder, tmp_path, capsys):
+    out = tmp_path / "al.json"
+    rc = main(["al-sim", "--data", "chest-pneumonia", "--init", str(encoder), "--initial", "2", "--per-round", "2",
+               "--budget", "6", "--seeds", "0", "--strategies", "random,typiclust+margin", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads(out.read_text())
+    assert r["init"]["kind"] == "encoder" and r["model"] == "cbam-resnet18" and r["image_size"] == 32
+    for s in ("random", "typiclust+margin"):
+        assert [p["labels"] for p in r["curves"][s]["0"]] == [2, 4, 6]
