@@ -324,8 +324,9 @@ def ssl_section(probe: list[dict], pretrain: list[dict], features: list[dict]) -
         p = pretrain[0]
         out += [f"SimCLR encoder: {p['model']} {p['model_args']} at {p['image_size']} px, batch 128 (two views "
                 f"each), MONAI ContrastiveLoss (temperature 0.2), AdamW lr 0.001 with cosine decay; "
-                f"{p['epochs']} epochs of the {p['epochs_asked']} asked in the 35 min allowed "
-                f"(`--max-minutes`), loss {p['history'][0]['loss']:.2f} → {p['history'][-1]['loss']:.2f}. "
+                f"{p['epochs']} complete epochs of the {p['epochs_asked']} asked, in "
+                f"{sum(h['seconds'] for h in p['history']) / 60:.0f} min of training (`--max-minutes`, then "
+                f"resumed by running the stage again), loss {p['history'][0]['loss']:.2f} → {p['history'][-1]['loss']:.2f}. "
                 f"Scratch uses the same architecture at random initialisation; ImageNet is efficientnet-lite0 "
                 f"at 64 px with the package's weights (RGB stem summed to grey).", ""]
     out += ["| initialisation | full-data AUC | strategy | labels to 95 % of it (seeds reaching it) | per seed "
