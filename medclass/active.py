@@ -25,7 +25,13 @@ scored on their grade probabilities, like multi-class ones.
 Strategies: ``random``; the four scores (top-k); ``coreset`` (k-center greedy on the
 model's embeddings, Sener & Savarese 2018: the diversity strategy for a cold start,
 which needs no trustworthy probabilities); ``hybrid`` (the ``4k`` most uncertain, then
-k-center among them, so that one batch does not spend its labels on near-duplicates).
+k-center among them, so that one batch does not spend its labels on near-duplicates);
+``typiclust`` (Hacohen et al. 2022, "Active learning on a budget"): k-means of the pool
+into (labelled + k) clusters, then, one pick per cluster with the fewest labelled images
+(largest first), the cluster's most typical image, i.e. of highest density (inverse mean
+distance to its nearest neighbours). With nothing labelled yet, and on embeddings from a
+pretrained encoder (``medclass pretrain``, ImageNet), it picks typical and diverse first
+images where uncertainty has no model to ask.
 """
 
 from __future__ import annotations
@@ -50,7 +56,13 @@ from medclass.tasks import TASK_TYPES
 log = logging.getLogger(__name__)
 
 SCORE_METHODS = ("entropy", "margin", "least-confidence", "bald")
-STRATEGIES = ("random", "entropy", "margin", "least-confidence", "bald", "coreset", "hybrid")
+STRATEGIES = ("random", "entropy", "margin", "least-confidence", "bald", "coreset", "hybrid", "typiclust")
+# Strategies that need no model, only embeddings: they can pick the very first images.
+COLD_START = ("random", "coreset", "typiclust")
+# TypiClust: typicality is the inverse mean distance to this many nearest neighbours in the
+# cluster; at most this many clusters (Hacohen et al. 2022 use 20 and 500).
+TYPICLUST_KNN = 20
+TYPICLUST_MAX_CLUSTERS = 500
 
 # Dropout on the embedding for models built without any (see mc_dropout_probabilities).
 FALLBACK_DROPOUT = 0.2
@@ -523,6 +535,76 @@ def k_center_greedy(pool: np.ndarray, labelled: np.ndarray | None, k: int, seed:
     return picks
 
 
+def typiclust(pool: np.ndarray, labelled: np.ndarray | None, k: int, seed: int = 0,
+              knn: int = TYPICLUST_KNN, max_clusters: int = TYPICLUST_MAX_CLUSTERS) -> list[int]:
+    """TypiClust selection (Hacohen et al. 2022): typical images of uncovered clusters.
+
+    Parameters
+    ----------
+    pool : np.ndarray
+        ``(N, F)`` embeddings of the unlabelled images.
+    labelled : np.ndarray or None
+        ``(M, F)`` embeddings of the labelled images (None or empty: a cold start).
+    k : int
+        Number of picks; fewer when the pool is smaller.
+    seed : int
+        Seeds k-means; the picks are a deterministic function of the inputs and the seed.
+    knn, max_clusters : int
+        Neighbours for typicality; the cap on the number of clusters.
+
+    Returns
+    -------
+    list of int
+        Distinct indices into ``pool``, each from another cluster while uncovered ones remain.
+    """
+    from sklearn.cluster import KMeans
+
+    pool = _as_matrix(pool, "pool embeddings")
+    n = len(pool)
+    k = min(int(k), n)
+    if k <= 0:
+        return []
+    lab = np.zeros((0, pool.shape[1])) if labelled is None or not np.size(labelled) else \
+        _as_matrix(labelled, "labelled embeddings")
+    if lab.shape[1] != pool.shape[1]:
+        raise MedClassError(f"labelled embeddings have {lab.shape[1]} features, the pool's {pool.shape[1]}",
+                            "score both with the same model")
+    # Unit length: a pretrained encoder's embedding differs by direction more than by norm.
+    both = np.vstack([pool, lab])
+    both = both / np.maximum(np.linalg.norm(both, axis=1, keepdims=True), 1e-12)
+    n_clusters = int(min(len(lab) + k, max_clusters, n))
+    km = KMeans(n_clusters=n_clusters, n_init=1, random_state=seed).fit(both)
+    cl_pool, cl_lab = km.labels_[:n], km.labels_[n:]
+    size = np.bincount(km.labels_, minlength=n_clusters)
+    covered = np.bincount(cl_lab, minlength=n_clusters).astype(float)
+    members = {c: np.flatnonzero(cl_pool == c) for c in range(n_clusters)}
+    taken = np.zeros(n, bool)
+    picks: list[int] = []
+    x = both[:n]
+    while len(picks) < k:
+        avail = np.array([c for c in range(n_clusters) if (~taken[members[c]]).any()])
+        # Fewest labelled first, then the largest cluster; the cluster index breaks ties.
+        c = int(avail[np.lexsort((avail, -size[avail], covered[avail]))[0]])
+        idx = members[c][~taken[members[c]]]
+        ref = x[members[c]]
+        d = np.sqrt(np.maximum(_pairwise_sq(x[idx], ref), 0.0))
+        kk = min(knn, len(ref) - 1)
+        if kk >= 1:
+            d.sort(axis=1)
+            typicality = 1.0 / (d[:, 1:kk + 1].mean(axis=1) + 1e-12)  # column 0: the point itself
+        else:
+            typicality = np.ones(len(idx))
+        best = int(idx[np.lexsort((idx, -typicality))[0]])
+        picks.append(best)
+        taken[best] = True
+        covered[c] += 1
+    return picks
+
+
+def _pairwise_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
+
+
 def _check_scores(scores: np.ndarray | None, strategy: str) -> np.ndarray:
     if scores is None:
         method = "an uncertainty method" if strategy == "hybrid" else repr(strategy)
@@ -562,7 +644,8 @@ def select(
         One of :data:`STRATEGIES`: ``random`` (seeded permutation), ``entropy`` /
         ``margin`` / ``least-confidence`` / ``bald`` (top-k of ``scores``), ``coreset``
         (:func:`k_center_greedy` on ``pool_embeddings``), ``hybrid`` (the ``4k`` highest
-        ``scores``, then k-center among them).
+        ``scores``, then k-center among them), ``typiclust`` (:func:`typiclust` on
+        ``pool_embeddings``: needs no scores, the cold-start choice).
     k : int
         How many to pick; fewer when the pool is smaller.
     scores : np.ndarray, optional
@@ -612,6 +695,11 @@ def select(
                                 "pass pool_size, scores or pool_embeddings")
         n = next(iter(sizes.values()))
         return [int(i) for i in np.random.default_rng(seed).permutation(n)[:k]]
+    if strategy == "typiclust":
+        if pool_embeddings is None:
+            raise MedClassError("strategy 'typiclust' needs pool_embeddings",
+                                "pass embeddings of the pool from a pretrained encoder or the served model")
+        return typiclust(pool_embeddings, labelled_embeddings, k, seed)
     if strategy == "coreset":
         if pool_embeddings is None:
             raise MedClassError("strategy 'coreset' needs pool_embeddings",
@@ -664,13 +752,18 @@ class SimulationConfig:
     target: float = 0.95
     device: str = "auto"
     threads: int | None = None  # torch CPU threads; 1 beats 2 on a CPU others are using too
+    # An encoder (medclass pretrain), model.pt or named initialisation: simulate on its frozen
+    # embeddings with a logistic-regression head per round (simulate_embeddings).
+    init: str | None = None
+    probe_c: float = 1.0  # inverse L2 strength of that head
 
     def check(self) -> None:
         """Raise :class:`MedClassError` for settings that cannot run."""
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        unknown = [s for s in self.strategies if not _known_strategy(s, cold_start_combos=self.init is not None)]
         if unknown:
+            extra = "; with --init also COLD+SCORE, e.g. typiclust+margin" if self.init else ""
             raise MedClassError(f"unknown strategy {', '.join(map(repr, unknown))}",
-                                f"use some of {', '.join(STRATEGIES)}")
+                                f"use some of {', '.join(STRATEGIES)}{extra}")
         if self.hybrid_score not in SCORE_METHODS:
             raise MedClassError(f"unknown hybrid score {self.hybrid_score!r}", f"use one of {', '.join(SCORE_METHODS)}")
         if not (0 < self.initial < self.budget) or self.per_round <= 0:
@@ -678,6 +771,13 @@ class SimulationConfig:
                                 "make rounds", "use 0 < initial < budget and per_round > 0")
         if not 0 < self.target <= 1:
             raise MedClassError(f"target {self.target} is not a fraction of the full-data AUC", "use e.g. 0.95")
+
+
+def _known_strategy(name: str, cold_start_combos: bool) -> bool:
+    if name in STRATEGIES:
+        return True
+    first, plus, then = name.partition("+")
+    return cold_start_combos and bool(plus) and first in COLD_START and then in STRATEGIES
 
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int) -> list[int]:
@@ -767,6 +867,8 @@ def simulate(cfg: SimulationConfig, on_round: Callable[[dict[str, Any]], None] |
     from medclass.training import TrainConfig
 
     cfg.check()
+    if cfg.init:
+        return simulate_with_init(cfg, on_round)
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -868,10 +970,200 @@ def _choose(cfg: SimulationConfig, strategy: str, model: Any, task, device: torc
     method = cfg.hybrid_score if strategy == "hybrid" else strategy
     methods = [method] if method in SCORE_METHODS else []
     scores = score_pool(loaded, x_unl, methods=methods, mc_samples=cfg.mc_samples, seed=seed)
-    lab_emb = embeddings(loaded, pool.x[torch.as_tensor(labelled)]) if strategy in ("coreset", "hybrid") else None
+    lab_emb = embeddings(loaded, pool.x[torch.as_tensor(labelled)]) if strategy in ("coreset", "hybrid", "typiclust") else None
     picks = select(strategy, k, scores=scores.get(method), pool_embeddings=scores["embedding"],
                    labelled_embeddings=lab_emb, seed=seed)
     return [unlabelled[i] for i in picks]
+
+
+# --------------------------------------------------------------------------- frozen embeddings
+
+
+def probe_fit(x: np.ndarray, y: np.ndarray, c: float = 1.0, seed: int = 0):
+    """A logistic-regression head on (standardised) embeddings: the per-round model of
+    :func:`simulate_embeddings` and a fast retrain for an annotation app."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, max_iter=2000, class_weight="balanced", random_state=seed).fit(x, y)
+
+
+def probe_probabilities(model: Any, x: np.ndarray, n_classes: int) -> np.ndarray:
+    """``(N, K)`` probabilities of a :func:`probe_fit` head; a constant when one class was seen."""
+    if model is None:
+        return np.full((len(x), n_classes), 1.0 / n_classes)
+    out = np.zeros((len(x), n_classes))
+    out[:, model.classes_] = model.predict_proba(x)
+    return out
+
+
+def probe_auc(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+              c: float = 1.0) -> float:
+    """Held-out AUC of a logistic-regression probe (standardised on the training embeddings)."""
+    from sklearn.metrics import roc_auc_score
+
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    m = probe_fit((x_train - mu) / sd, y_train, c)
+    p = m.predict_proba((x_test - mu) / sd)
+    return float(roc_auc_score(y_test, p[:, 1]) if p.shape[1] == 2 else roc_auc_score(y_test, p, multi_class="ovr"))
+
+
+def simulate_embeddings(cfg: SimulationConfig, pool_emb: np.ndarray, pool_y: np.ndarray, test_emb: np.ndarray,
+                        test_y: np.ndarray, task=None,
+                        on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Active learning on frozen embeddings, a logistic-regression head retrained per round.
+
+    The cheap path: embeddings are computed once (by a pretrained encoder), so a round
+    costs a fit of a linear head. Strategies are those of :func:`select`, plus
+    ``COLD+SCORE`` (e.g. ``typiclust+margin``): the first ``initial`` images by a
+    cold-start strategy, the rounds after by a score. A plain strategy picks the initial
+    images too (``random``: a seeded random set, not a stratified one, since a real
+    annotator has no labels to stratify by; a score strategy starts from random ones).
+
+    Returns
+    -------
+    dict
+        As :func:`simulate`: ``config``, ``full``, ``curves``, ``summary``, ``pool``, ``test``.
+    """
+    from medclass.metrics import compute_metrics
+    from medclass.tasks import Task
+
+    t_start = time.perf_counter()
+    pool_y, test_y = np.asarray(pool_y), np.asarray(test_y)
+    if task is None:
+        task = Task("binary" if len(np.unique(pool_y)) == 2 else "multiclass",
+                    [str(c) for c in sorted(np.unique(pool_y))])
+    if task.type not in ("binary", "multiclass"):
+        raise MedClassError(f"simulation on embeddings supports binary and multi-class tasks, not {task.type}",
+                            "run al-sim without --init")
+    k_classes = len(task.classes)
+    # Standardised with the pool's statistics: the pool is unlabelled, not held out.
+    mu, sd = pool_emb.mean(0), pool_emb.std(0) + 1e-6
+    P, T = (pool_emb - mu) / sd, (test_emb - mu) / sd
+    n_pool = len(P)
+    if cfg.budget > n_pool:
+        raise MedClassError(f"a budget of {cfg.budget} labels is more than the pool's {n_pool} images",
+                            f"use --budget <= {n_pool}")
+
+    def fit_and_auc(idx: list[int]) -> tuple[Any, float]:
+        y = pool_y[idx]
+        model = probe_fit(P[idx], y, cfg.probe_c) if len(np.unique(y)) > 1 else None
+        probs = probe_probabilities(model, T, k_classes)
+        auc = compute_metrics(task.type, test_y, probs, task.classes)["auc"]
+        return model, float(auc if auc is not None else 0.5)
+
+    def pick(strategy: str, model: Any, labelled: list[int], k: int, seed: int) -> list[int]:
+        taken = set(labelled)
+        unl = np.array([i for i in range(n_pool) if i not in taken])
+        if strategy == "random":
+            return [int(unl[i]) for i in select("random", k, pool_size=len(unl), seed=seed)]
+        if strategy in SCORE_METHODS and model is None:  # no model yet: nothing to score with
+            return [int(unl[i]) for i in select("random", k, pool_size=len(unl), seed=seed)]
+        lab_emb = P[labelled] if labelled else None
+        scores = None
+        method = cfg.hybrid_score if strategy == "hybrid" else strategy
+        if method in SCORE_METHODS and method != "bald":
+            scores = uncertainty(probe_probabilities(model, P[unl], k_classes), method, task.type)
+        elif method == "bald":
+            raise MedClassError("bald needs MC dropout; a linear probe has none", "use margin or entropy with --init")
+        picks = select(strategy, k, scores=scores, pool_embeddings=P[unl], labelled_embeddings=lab_emb, seed=seed)
+        return [int(unl[i]) for i in picks]
+
+    full: dict[str, float] = {}
+    curves: dict[str, dict[str, list[dict[str, float]]]] = {s: {} for s in cfg.strategies}
+    _, full_auc = fit_and_auc(list(range(n_pool)))
+    for seed in cfg.seeds:
+        full[str(seed)] = full_auc  # a convex fit: the same for every seed
+        for strategy in cfg.strategies:
+            first, plus, then = strategy.partition("+")
+            t0 = time.perf_counter()
+            labelled = pick(first, None, [], cfg.initial, seed * 1000)
+            model, auc = fit_and_auc(labelled)
+            curve = [{"labels": len(labelled), "auc": auc, "select_s": time.perf_counter() - t0}]
+            rnd = 0
+            while len(labelled) < cfg.budget:
+                rnd += 1
+                t0 = time.perf_counter()
+                picks = pick(then if plus else strategy, model, labelled,
+                             min(cfg.per_round, cfg.budget - len(labelled)), seed * 1000 + rnd)
+                select_s = time.perf_counter() - t0
+                if set(picks) & set(labelled) or len(set(picks)) != len(picks):
+                    raise RuntimeError(f"{strategy} picked an image twice")  # a bug, not a user error
+                labelled += picks
+                model, auc = fit_and_auc(labelled)
+                curve.append({"labels": len(labelled), "auc": auc, "select_s": select_s})
+            curves[strategy][str(seed)] = curve
+            rec = {"seed": seed, "strategy": strategy, **curve[-1]}
+            log.info("al-sim %s", rec)
+            if on_round:
+                on_round(rec)
+    from dataclasses import asdict
+
+    result = {
+        "config": {**asdict(cfg), "seeds": list(cfg.seeds), "strategies": list(cfg.strategies)},
+        "task": task.as_dict(), "pool": n_pool, "test": len(T), "full": full, "curves": curves,
+        "retrain": "logistic regression on frozen embeddings every round",
+    }
+    result["summary"] = summarize(result)
+    result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    return result
+
+
+def encode(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> np.ndarray:
+    """Pooled embeddings ``(N, F)`` of a torch model in eval mode (no head)."""
+    from medclass.checkpoint import LoadedModel as _LM
+    from medclass.tasks import Task
+
+    dev = next(model.parameters()).device
+    return embeddings(_LM(model, {}, Task("binary", ["-", "+"]), dev), x, batch_size=batch_size)
+
+
+def simulate_with_init(cfg: SimulationConfig, on_round: Callable[[dict[str, Any]], None] | None = None
+                       ) -> dict[str, Any]:
+    """``medclass al-sim --init``: embed pool and held-out set with the initialised
+    encoder, then :func:`simulate_embeddings`.
+
+    The model and image size come from the init's card (an encoder or model.pt), else
+    from ``cfg.model`` / ``cfg.image_size`` (a state dict or ``imagenet``).
+    """
+    from pathlib import Path
+
+    from medclass.data import load_dataset, materialize, split_samples
+    from medclass.models import create_model
+    from medclass.training import TrainConfig
+    from medclass.transfer import load_init
+
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model_name, args, size = cfg.model, dict(cfg.model_args), cfg.image_size
+    p = Path(str(cfg.init))
+    if p.is_file():
+        import zipfile
+
+        if zipfile.is_zipfile(p):
+            from medclass.checkpoint import read_card
+
+            card = read_card(p)
+            model_name = card["model"]["name"]
+            margs = dict(card["model"]["args"])
+            size = int(margs.pop("image_size", size))
+            args = {k: v for k, v in margs.items() if k not in ("spatial_dims", "in_channels", "num_outputs")}
+    ds = load_dataset(cfg.data)
+    splits = split_samples(ds, cfg.split_seed)
+    spec = TrainConfig(data=cfg.data, image_size=size).preprocess_spec()
+    pool = materialize(ds, splits["train"], spec)
+    test = materialize(ds, splits["test"], spec)
+    torch.manual_seed(0)
+    model = create_model(model_name, spatial_dims=2, in_channels=int(pool.x.shape[1]),
+                         num_outputs=ds.task.num_outputs, image_size=size, **args)
+    report = load_init(model, cfg.init)
+    t0 = time.perf_counter()
+    pe, te = encode(model, pool.x), encode(model, test.x)
+    embed_s = time.perf_counter() - t0
+    result = simulate_embeddings(cfg, pe, pool.y.numpy(), te, test.y.numpy(), ds.task, on_round)
+    result.update(dataset=ds.name, init=report.as_card(), model=model_name, image_size=size,
+                  embed_seconds=round(embed_s, 1), wall_seconds=round(time.perf_counter() - t_start, 1))
+    return result
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
@@ -929,5 +1221,8 @@ __all__ = [
     "score_pool",
     "select",
     "simulate",
+    "simulate_embeddings",
+    "simulate_with_init",
+    "typiclust",
     "uncertainty",
 ]

@@ -99,6 +99,21 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def _cmd_pretrain(a) -> int:
+    from medclass.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(data=a.data, model=a.model, out=a.out, method=a.method, image_size=a.image_size,
+                         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, max_minutes=a.max_minutes,
+                         device=a.device, seed=a.seed, progress=not a.quiet)
+    res = pretrain(cfg)
+    print(f"wrote {res.encoder}: {cfg.method} on {res.images} images, {res.epochs}/{cfg.epochs} epochs, "
+          f"{res.images_per_second:.0f} images/s")
+    if res.epochs < cfg.epochs:
+        print("run the same command again to continue")
+    print(f"next: medclass train --data ... --model {cfg.model} --init {res.encoder} [--freeze-encoder]")
+    return 0
+
+
 def _cmd_evaluate(a) -> int:
     from medclass.evaluation import evaluate_checkpoint
     from medclass.metrics import format_metrics
@@ -251,8 +266,13 @@ def _cmd_al_sim(a) -> int:
     # Flags left out keep SimulationConfig's defaults, which live in one place.
     names = ("data", "model", "image_size", "initial", "per_round", "budget", "seeds", "strategies",
              "hybrid_score", "epochs", "min_steps", "batch_size", "lr", "mc_samples", "split_seed", "target",
-             "device", "threads")
+             "device", "threads", "init")
     given = {n: getattr(a, n) for n in names if getattr(a, n) is not None}
+    if a.init:
+        # On frozen embeddings a round costs a linear fit: label in small steps.
+        for k, v in (("initial", 10), ("per_round", 10), ("budget", 300), ("strategies",
+                     ("random", "margin", "typiclust", "typiclust+margin"))):
+            given.setdefault(k, v)
     if a.model_arg is not None:
         given["model_args"] = dict(a.model_arg)
     cfg = SimulationConfig(**given)
@@ -328,6 +348,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_cmd_train)
 
+    s = sub.add_parser("pretrain", help="self-supervised pretraining on unlabelled images; writes DIR/encoder.pt",
+                       description="SimCLR on any --data form (labels ignored) or a folder of images/DICOM "
+                       "(nested, mixed formats; unreadable files are skipped with a count). Resumable: run the "
+                       "same command again after Ctrl-C or --max-minutes.")
+    s.add_argument("--data", required=True, help="a folder of images, or any --data form of 'train'")
+    s.add_argument("--model", default="resnet18", help="a name from 'medclass models' (its encoder is trained)")
+    s.add_argument("--out", required=True, help="output folder (encoder.pt, pretrain_state.pt)")
+    s.add_argument("--method", default="simclr", choices=["simclr"])
+    s.add_argument("--epochs", type=int, default=20)
+    s.add_argument("--batch-size", type=int, default=128, help="images per batch (two views each)")
+    s.add_argument("--image-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--max-minutes", type=float, help="stop after this long (a re-run continues)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=_cmd_pretrain)
+
     s = sub.add_parser("evaluate", help="metrics, confidence intervals and plots on a dataset")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--data", help="defaults to the dataset recorded in the checkpoint")
@@ -393,7 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", type=int, help="stop when this many images are labelled")
     s.add_argument("--seeds", type=_csv(int), help="comma-separated, e.g. 0,1,2")
     s.add_argument("--strategies", type=_csv(str), help="comma-separated, from random, entropy, margin, "
-                   "least-confidence, bald, coreset, hybrid")
+                   "least-confidence, bald, coreset, hybrid, typiclust; with --init also COLD+SCORE "
+                   "(e.g. typiclust+margin: the first images by typiclust, then margin)")
+    s.add_argument("--init", metavar="ENCODER", help="simulate on the frozen embeddings of this encoder "
+                   "(medclass pretrain), model.pt or named init (with --model efficientnet-lite0: imagenet), "
+                   "a logistic-regression head per round; defaults then: --initial 10 --per-round 10 "
+                   "--budget 300 --strategies random,margin,typiclust,typiclust+margin")
     s.add_argument("--hybrid-score", help="the uncertainty the hybrid strategy shortlists by")
     s.add_argument("--epochs", type=int, help="passes over the labelled images per round")
     s.add_argument("--min-steps", type=int, help="at least this many optimiser steps per round")

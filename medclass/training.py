@@ -157,6 +157,10 @@ def train(cfg: TrainConfig, ds: LabelledSet | None = None,
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     info = model_info(cfg.model)
+    if cfg.init and Path(cfg.init).is_file():
+        from medclass.transfer import read_weights
+
+        read_weights(cfg.init)  # a file that is not weights fails now, not after reading the data
     ds = ds or load_dataset(cfg.data, cfg.task)
     task = ds.task
     splits = split_samples(ds, cfg.seed)
@@ -184,7 +188,8 @@ def train(cfg: TrainConfig, ds: LabelledSet | None = None,
     train_set = sets["train"]
     in_channels = int(train_set.x.shape[1])
     model_args = {"spatial_dims": cfg.spatial_dims, "in_channels": in_channels,
-                  "num_outputs": task.num_outputs, "image_size": cfg.image_size, **cfg.model_args}
+                  "num_outputs": task.num_outputs, "image_size": cfg.image_size,
+                  **_init_model_args(cfg), **cfg.model_args}
     card_data = {
         "spec": cfg.data, "name": ds.name, "fingerprint": ds.fingerprint, "n": len(ds),
         "split_seed": cfg.seed, "n_train": len(train_set), "n_val": len(sets["val"]), "n_test": len(sets["test"]),
@@ -246,6 +251,23 @@ def train(cfg: TrainConfig, ds: LabelledSet | None = None,
         dist.barrier()
         dist.destroy_process_group()
     return TrainResult(ckpt, result_metrics, history)
+
+
+def _init_model_args(cfg: TrainConfig) -> dict[str, Any]:
+    """Builder arguments (e.g. ``width``) of an ``--init`` checkpoint of the same model, so that
+    ``--init encoder.pt`` builds the architecture the encoder was trained as."""
+    if not cfg.init or not Path(cfg.init).is_file():
+        return {}
+    from medclass.checkpoint import read_card
+
+    try:
+        card = read_card(cfg.init)
+    except MedClassError:  # a plain state dict: the model's defaults
+        return {}
+    if card["model"]["name"] != cfg.model:
+        return {}
+    fixed = ("spatial_dims", "in_channels", "num_outputs", "image_size")
+    return {k: v for k, v in card["model"]["args"].items() if k not in fixed}
 
 
 def _initialise(model: Any, cfg: TrainConfig):

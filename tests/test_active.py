@@ -452,3 +452,62 @@ def test_al_sim_command_reports_bad_settings_on_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "unknown strategy 'greedy'" in err
     assert main(["al-sim", "--initial", "50", "--budget", "40", "--out", str(tmp_path / "x.json")]) == 2
     assert "do not make rounds" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- typiclust (cold start)
+
+
+def _blobs(n_clusters: int, per: int, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Well-separated clusters (a tiny synthetic array: the selection, not data, is under test)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_clusters, dim)) * 20
+    x = np.concatenate([c + rng.normal(size=(per, dim)) for c in centers])
+    return x, np.repeat(np.arange(n_clusters), per)
+
+
+def test_typiclust_is_deterministic_and_covers_distinct_clusters():
+    from medclass.active import typiclust
+
+    x, cluster = _blobs(6, 30)
+    picks = typiclust(x, None, 6, seed=3)
+    assert picks == typiclust(x, None, 6, seed=3) == select("typiclust", 6, pool_embeddings=x, seed=3)
+    assert sorted(cluster[picks]) == list(range(6))  # one per cluster
+    # The pick of a cluster is typical: nearer its cluster's mean than the average member.
+    for i in picks:
+        members = x[cluster == cluster[i]]
+        d = np.linalg.norm(members - members.mean(0), axis=1)
+        assert np.linalg.norm(x[i] - members.mean(0)) <= np.median(d)
+
+
+def test_typiclust_goes_to_the_clusters_nothing_labelled_covers():
+    from medclass.active import typiclust
+
+    x, cluster = _blobs(5, 30)
+    labelled = x[cluster < 2]  # every image of blobs 0 and 1 is labelled already
+    picks = typiclust(x, labelled, 3, seed=0)
+    assert len(set(picks)) == 3 and set(cluster[picks]) <= {2, 3, 4}
+
+
+def test_typiclust_needs_embeddings():
+    with pytest.raises(MedClassError, match="pool_embeddings"):
+        select("typiclust", 3, scores=np.ones(5))
+
+
+def test_simulation_on_embeddings_with_a_cold_start():
+    from medclass.active import SimulationConfig, simulate_embeddings
+
+    x, cluster = _blobs(4, 40)
+    y = cluster % 2
+    xt, ct = _blobs(4, 10, seed=0)
+    cfg = SimulationConfig(strategies=("random", "typiclust+margin"), seeds=(0, 1), initial=4, per_round=4,
+                           budget=20, init="embeddings")
+    cfg.check()
+    r = simulate_embeddings(cfg, x, y, xt, ct % 2)
+    for s in cfg.strategies:
+        for curve in r["curves"][s].values():
+            assert [p["labels"] for p in curve] == [4, 8, 12, 16, 20]
+            assert all(0.0 <= p["auc"] <= 1.0 for p in curve)
+    # typiclust's first 4 picks are one per cluster, so both classes are labelled from the start.
+    assert r["curves"]["typiclust+margin"]["0"][0]["auc"] == pytest.approx(1.0)
+    with pytest.raises(MedClassError, match="unknown strategy"):
+        SimulationConfig(strategies=("typiclust+margin",)).check()  # combos need --init

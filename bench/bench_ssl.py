@@ -1,0 +1,185 @@
+"""Features before the first label: self-supervised and ImageNet initialisation on Br35H.
+
+Usage::
+
+    python bench/bench_ssl.py pretrain   # SimCLR on the pool's images (labels unused); resumable
+    python bench/bench_ssl.py features   # frozen embeddings of pool and test for each initialisation
+    python bench/bench_ssl.py probe      # linear probes and cold-start active learning on them
+
+The pool is Br35H's training split (2,100 images), the held-out set its test split
+(450), split by medclass with seed 0, as in ``bench_al.py``. Pretraining sees only the
+pool's pixels. Every figure is a frozen-embedding probe (logistic regression on the
+standardised embedding), the cheap path that ``medclass al-sim --init`` simulates and
+that makes an annotation app's retraining fast. Writes ``bench/results/ssl-*.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "runs" / "bench-ssl"
+ENCODER_DIR = WORK / "simclr"
+FEATURES = WORK / "features.npz"
+# Small enough for 2 shared CPU cores: the SSL encoder is cbam-resnet18 at width 16
+# (0.7 M parameters) on 32 px images, as bench_al.py's from-scratch simulation uses.
+SSL_MODEL, SSL_ARGS, SSL_SIZE = "cbam-resnet18", {"width": 16}, 32
+IMAGENET_SIZE = 64
+SEEDS = (0, 1, 2, 3, 4)
+
+
+def pool_manifest() -> Path:
+    """A CSV of the pool's images: pretraining reads it as an unlabelled --data form."""
+    from medclass.data import load_dataset, split_samples
+
+    ds = load_dataset("br35h")
+    splits = split_samples(ds, 0)
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / "pool.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        for i in splits["train"]:
+            s = ds.samples[i]
+            w.writerow([s.path, ds.task.classes[s.label]])
+    return path
+
+
+def run_pretrain(a) -> None:
+    from medclass.pretrain import PretrainConfig, pretrain
+
+    torch.set_num_threads(a.threads)
+    cfg = PretrainConfig(data=str(pool_manifest()), model=SSL_MODEL, model_args=dict(SSL_ARGS), out=str(ENCODER_DIR),
+                         image_size=SSL_SIZE, epochs=a.epochs, batch_size=128, max_minutes=a.max_minutes,
+                         progress=False)
+    t0 = time.perf_counter()
+    res = pretrain(cfg)
+    write_result("ssl-pretrain", {"model": SSL_MODEL, "model_args": SSL_ARGS, "image_size": SSL_SIZE,
+                                  "images": res.images, "epochs": res.epochs, "epochs_asked": a.epochs,
+                                  "images_per_second": res.images_per_second, "threads": a.threads,
+                                  "wall_seconds_this_call": time.perf_counter() - t0, "history": res.history})
+
+
+def _embed(model: torch.nn.Module, x: torch.Tensor, batch: int = 128) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out.append(model.forward_features(x[i:i + batch]).float().numpy())
+    return np.concatenate(out)
+
+
+def run_features(a) -> None:
+    from medclass.data import load_dataset, materialize, split_samples
+    from medclass.models import create_model
+    from medclass.training import TrainConfig
+    from medclass.transfer import load_init
+
+    torch.set_num_threads(a.threads)
+    ds = load_dataset("br35h")
+    splits = split_samples(ds, 0)
+    out: dict[str, np.ndarray] = dict(np.load(FEATURES)) if FEATURES.is_file() else {}
+    timing = {}
+    prev = RESULTS / "ssl-features.json"
+    if prev.is_file():
+        timing = json.loads(prev.read_text()).get("timing", {})
+    for size in sorted({SSL_SIZE, IMAGENET_SIZE}):
+        spec = TrainConfig(data="br35h", image_size=size).preprocess_spec()
+        pool, test = materialize(ds, splits["train"], spec), materialize(ds, splits["test"], spec)
+        out["pool_y"], out["test_y"] = pool.y.numpy(), test.y.numpy()
+        inits = []
+        if size == SSL_SIZE:
+            inits += [("scratch", SSL_MODEL, SSL_ARGS, None), ("simclr", SSL_MODEL, SSL_ARGS,
+                                                               ENCODER_DIR / "encoder.pt")]
+        if size == IMAGENET_SIZE:
+            inits += [("imagenet", "efficientnet-lite0", {}, "imagenet")]
+        for name, model_name, args, init in inits:
+            if name not in a.inits:
+                continue
+            if init is not None and name == "simclr" and not Path(init).is_file():
+                print(f"no encoder at {init}: run 'pretrain' first; skipping simclr")
+                continue
+            torch.manual_seed(0)
+            m = create_model(model_name, image_size=size, **args)
+            if init is not None:
+                load_init(m, init)
+            t0 = time.perf_counter()
+            out[f"{name}_pool"] = _embed(m, pool.x)
+            out[f"{name}_test"] = _embed(m, test.x)
+            n = len(pool) + len(test)
+            timing[name] = {"images": n, "seconds": time.perf_counter() - t0, "image_size": size,
+                            "model": model_name}
+            print(name, timing[name], flush=True)
+    np.savez(FEATURES, **out)
+    write_result("ssl-features", {"timing": timing, "threads": a.threads})
+
+
+def _ci(values: list[float]) -> dict:
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if len(v) == 0:
+        return {"mean": None, "lo": None, "hi": None, "n": 0}
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {"mean": float(v.mean()), "lo": float(v.mean() - half), "hi": float(v.mean() + half), "n": int(len(v)),
+            "values": v.tolist()}
+
+
+def run_probe(a) -> None:
+    from medclass.active import SimulationConfig, probe_auc, simulate_embeddings
+
+    f = np.load(FEATURES)
+    pool_y, test_y = f["pool_y"], f["test_y"]
+    inits = [n for n in ("scratch", "simclr", "imagenet") if f"{n}_pool" in f and n in a.inits]
+    prev = RESULTS / "ssl-probe.json"
+    result: dict = {"inits": json.loads(prev.read_text())["inits"] if prev.is_file() else {}, "seeds": list(SEEDS)}
+    for name in inits:
+        P, T = f[f"{name}_pool"], f[f"{name}_test"]
+        full = probe_auc(P, pool_y, T, test_y)
+        probe100 = []
+        for seed in SEEDS:
+            idx = np.random.default_rng(seed).permutation(len(P))[:100]
+            probe100.append(probe_auc(P[idx], pool_y[idx], T, test_y))
+        sim_cfg = SimulationConfig(strategies=tuple(a.strategies), seeds=SEEDS, initial=10, per_round=10,
+                                   budget=a.budget, init=name)
+        t0 = time.perf_counter()
+        sim = simulate_embeddings(sim_cfg, P, pool_y, T, test_y)
+        entry = {"full_auc": full, "probe_100_random": _ci(probe100), "al": sim["summary"],
+                 "curves": sim["curves"], "al_seconds": time.perf_counter() - t0}
+        for s, r in sim["summary"]["strategies"].items():
+            entry.setdefault("labels_ci", {})[s] = _ci(list(r["per_seed"].values()))
+        result["inits"][name] = entry
+        print(name, json.dumps({"full": full, "probe100": entry["probe_100_random"]["mean"],
+                                "labels": {s: r["mean"] for s, r in sim["summary"]["strategies"].items()}}),
+              flush=True)
+    write_result("ssl-probe", result)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("stage", choices=["pretrain", "features", "probe"])
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--max-minutes", type=float, default=30)
+    p.add_argument("--threads", type=int, default=1, help="1 is fastest on a CPU others are using too")
+    p.add_argument("--budget", type=int, default=200)
+    p.add_argument("--inits", nargs="+", default=["scratch", "simclr", "imagenet"])
+    p.add_argument("--strategies", nargs="+", default=["random", "margin", "typiclust+margin"])
+    a = p.parse_args()
+    {"pretrain": run_pretrain, "features": run_features, "probe": run_probe}[a.stage](a)
+    print("python bench/report.py puts the figures into BENCHMARKS.md")
+    print(f"results in {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
