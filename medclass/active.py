@@ -56,7 +56,19 @@ from medclass.tasks import TASK_TYPES
 log = logging.getLogger(__name__)
 
 SCORE_METHODS = ("entropy", "margin", "least-confidence", "bald")
-STRATEGIES = ("random", "entropy", "margin", "least-confidence", "bald", "coreset", "hybrid", "typiclust")
+#: Every selection strategy and what it picks: the one table the CLI, the MONAI Label app and
+#: the Slicer module read (the Slicer client keeps a copy only for when it runs without medclass).
+STRATEGY_DESCRIPTIONS = {
+    "random": "a random unlabelled image",
+    "entropy": "the unlabelled image whose predicted probabilities have the highest entropy",
+    "margin": "the unlabelled image with the smallest margin between its two most likely classes",
+    "least-confidence": "the unlabelled image whose most likely class is least probable",
+    "bald": "the image the model's Monte-Carlo dropout samples disagree on most (BALD)",
+    "coreset": "the image farthest from every labelled one in the model's embedding space (diversity)",
+    "hybrid": "among the most uncertain images, the one farthest from the labelled ones",
+    "typiclust": "the most typical image of the largest cluster no labelled image covers (cold start)",
+}
+STRATEGIES = tuple(STRATEGY_DESCRIPTIONS)
 # Strategies that need no model, only embeddings: they can pick the very first images.
 COLD_START = ("random", "coreset", "typiclust")
 # TypiClust: typicality is the inverse mean distance to this many nearest neighbours in the
@@ -461,19 +473,14 @@ def score_pool(
 # --------------------------------------------------------------------------- selection
 
 
-def _min_sq_distances(points: np.ndarray, centers: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """Squared L2 distance of each point to its nearest center, chunked over points."""
-    out = np.full(len(points), np.inf)
+def _min_sq_distances(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Squared L2 distance of each point to its nearest center (scikit-learn's chunked search)."""
+    from sklearn.metrics import pairwise_distances_argmin_min
+
     if len(centers) == 0:
-        return out
-    c_sq = (centers * centers).sum(axis=1)
-    for i in range(0, len(points), chunk):
-        p = points[i : i + chunk]
-        for j in range(0, len(centers), chunk):
-            c = centers[j : j + chunk]
-            d = (p * p).sum(axis=1)[:, None] + c_sq[None, j : j + chunk] - 2.0 * (p @ c.T)
-            out[i : i + chunk] = np.minimum(out[i : i + chunk], d.min(axis=1))
-    return np.maximum(out, 0.0)
+        return np.full(len(points), np.inf)
+    _, dist = pairwise_distances_argmin_min(points, centers, metric="sqeuclidean")
+    return np.maximum(dist, 0.0)
 
 
 def _as_matrix(a: np.ndarray, what: str) -> np.ndarray:

@@ -312,7 +312,7 @@ def choose_next(
         pool = scored
         score_vec = np.array([float(scores[i]["scores"][method]) for i in pool])
     pool_emb = lab_emb = None
-    if strategy in ("coreset", "hybrid"):
+    if strategy in ("coreset", "hybrid", "typiclust"):
         have = [i for i in pool if embeddings is not None and i in embeddings]
         if not have:
             raise MedClassError("no embeddings for the unlabelled images yet",

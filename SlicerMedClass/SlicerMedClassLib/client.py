@@ -41,8 +41,10 @@ from typing import Any
 
 DEFAULT_TIMEOUT = 60.0
 #: Active-learning strategies a classification app is expected to offer; the widget
-#: shows the ones the server's ``/info/`` lists, these only when it lists none.
-DEFAULT_STRATEGIES = ("random", "entropy", "margin", "least-confidence", "bald", "coreset", "hybrid")
+#: shows the ones the server's ``/info/`` lists, these only when it lists none. This
+#: module imports without medclass (it talks HTTP only), so it keeps a copy of the names
+#: of :data:`medclass.active.STRATEGY_DESCRIPTIONS`; a test checks that the two agree.
+DEFAULT_STRATEGIES = ("random", "entropy", "margin", "least-confidence", "bald", "coreset", "hybrid", "typiclust")
 
 
 class MonaiLabelError(ValueError):

@@ -287,3 +287,12 @@ def test_datastore_image_download_into_a_file_path(label_server, client, tmp_pat
     assert dest.read_bytes() == (label_server.studies / f"{image_id}.jpg").read_bytes()
     json.dumps(client.datastore())  # plain JSON types
     assert Path(dest).stat().st_size > 1000
+
+
+def test_the_client_knows_the_strategies_medclass_offers():
+    # The client imports without medclass, so it keeps a copy of the strategy names.
+    from SlicerMedClassLib.client import DEFAULT_STRATEGIES
+
+    from medclass.active import STRATEGIES
+
+    assert tuple(DEFAULT_STRATEGIES) == tuple(STRATEGIES)

@@ -1,9 +1,7 @@
 """``POST /activelearning/<strategy>``: the next image to label, for classifiers.
 
-Strategies: ``random``, ``entropy``, ``margin``, ``least-confidence``,
-``bald``, ``coreset`` (k-center on the model's embeddings: diversity, for the
-cold start) and ``hybrid`` (the most uncertain few, then the one farthest from
-what is labelled). The ranking lives in :func:`medclass.labeling.choose_next`;
+Strategies: :data:`medclass.active.STRATEGY_DESCRIPTIONS` (``random``, ``entropy``,
+``margin``, ``least-confidence``, ``bald``, ``coreset``, ``hybrid``, ``typiclust``). The ranking lives in :func:`medclass.labeling.choose_next`;
 this class reads the stored scores (scoring first any image the served model
 has not scored), skips images handed out to another annotator in the last
 ``hold_seconds`` and records the hand-out before it answers, under a lock, so
@@ -25,6 +23,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.configs.classification import AppConfig
 from lib.scoring.uncertainty import ensure_scored, load_embeddings
+from medclass.active import STRATEGY_DESCRIPTIONS
 from medclass.errors import MedClassError
 from medclass.labeling import RESERVED_KEY, SCORES_KEY, candidate_pools, choose_next
 
@@ -33,22 +32,14 @@ log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 
 #: Strategies that rank by the scoring run's scores or embeddings.
-SCORED = frozenset({"entropy", "margin", "least-confidence", "bald", "coreset", "hybrid"})
-
-DESCRIPTIONS = {
-    "random": "a random unlabelled image",
-    "entropy": "the unlabelled image whose predicted probabilities have the highest entropy",
-    "margin": "the unlabelled image with the smallest margin between its two most likely classes",
-    "least-confidence": "the unlabelled image whose most likely class is least probable",
-    "bald": "the image the model's Monte-Carlo dropout samples disagree on most (BALD)",
-    "coreset": "the image farthest from every labelled one in the model's embedding space (diversity)",
-    "hybrid": "among the most uncertain images, the one farthest from the labelled ones",
-}
+SCORED = frozenset({"entropy", "margin", "least-confidence", "bald", "coreset", "hybrid", "typiclust"})
+#: Strategies that need the served model's embeddings of the pool.
+EMBEDDED = frozenset({"coreset", "hybrid", "typiclust"})
 
 
 class ClassificationStrategy(Strategy):
     def __init__(self, name: str, cfg: AppConfig) -> None:
-        super().__init__(DESCRIPTIONS[name])
+        super().__init__(STRATEGY_DESCRIPTIONS[name])
         self.name, self.cfg = name, cfg
 
     def __call__(self, request, datastore) -> dict[str, Any]:
@@ -70,7 +61,7 @@ class ClassificationStrategy(Strategy):
             version = slot.published.version
             scores = {i: v[SCORES_KEY][model] for i, v in infos.items()
                       if (v.get(SCORES_KEY) or {}).get(model, {}).get("version") == version}
-            emb = load_embeddings(self.cfg, model, version) if self.name in ("coreset", "hybrid") else None
+            emb = load_embeddings(self.cfg, model, version) if self.name in EMBEDDED else None
             labelled = datastore.get_labeled_images()
             picked, error = None, None
             for pool in ([free, free + fallback] if fallback else [free]):
