@@ -151,19 +151,19 @@ def load_config(app_dir: str, conf: dict[str, str]) -> AppConfig:
         device=conf.get("device", "auto"),
         dicomweb_filter=_json_conf(conf, "dicomweb_filter"),
     )
-    seed = Path(conf["checkpoint"]) if conf.get("checkpoint") else None
-    if seed is not None and not seed.is_file():
-        raise MedClassError(f"--conf checkpoint {seed}: no such file", "pass a model.pt written by 'medclass train'")
-    if seed is None:
-        seed = default_checkpoint()  # the quickstart model ($MEDCLASS_HOME), as the CLI and the node find it
-    seed_card = read_card(seed) if seed else None
+    start = Path(conf["checkpoint"]) if conf.get("checkpoint") else None
+    if start is not None and not start.is_file():
+        raise MedClassError(f"--conf checkpoint {start}: no such file", "pass a model.pt written by 'medclass train'")
+    if start is None:
+        start = default_checkpoint()  # the quickstart model ($MEDCLASS_HOME), as the CLI and the node find it
+    start_card = read_card(start) if start else None
     for n in names:
         published = PublishedModel(cfg.model_dir / n / "model.pt", cfg.device)
         card = published.card()
-        if card is None and seed_card is not None and seed_card.get("model", {}).get("name") == n:
-            published.publish(seed)  # serve the given checkpoint until the first training run
-            card = seed_card
-        task = _task_from(conf, card or seed_card)
+        if card is None and start_card is not None and start_card.get("model", {}).get("name") == n:
+            published.publish(start)  # serve the given checkpoint until the first training run
+            card = start_card
+        task = _task_from(conf, card or start_card)
         pre = (card or {}).get("preprocess", {})
         size = int(conf.get("image_size") or pre.get("image_size") or 64)
         cfg.models[n] = ModelSlot(n, task, published, size, int(pre.get("spatial_dims", 2)))
