@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-import torch
 
 from dicom_node.config import NodeConfig
 from dicom_node.jobs import JobDatabase, Priority, sop_digest
@@ -41,8 +40,7 @@ from dicom_node.router import StudyRouter
 from dicom_node.selector import SeriesInfo, SeriesSelector
 from dicom_node.spool import Spool, safe_name, write_durably
 from medclass.errors import MedClassError
-from medclass.inference import Classifier, forward_probabilities
-from medclass.io import read_dicom_dataset
+from medclass.inference import Classifier
 from medclass.sr import build_classification_sr, report_reference
 
 log = logging.getLogger("dicom_node.worker")
@@ -166,29 +164,14 @@ class InferenceWorker:
 
     def _classify(self, checkpoint: str, chosen: list[dict[str, Any]]):
         clf = self.model(checkpoint)
-        voi = not clf.loaded.preprocess_spec.get("window")
-        tensors, metas, used = [], [], []
-        for inst in chosen:
-            try:
-                image = read_dicom_dataset(pydicom.dcmread(inst["path"]), apply_voi=voi,
-                                           name=f"SOP instance {inst['sop_uid']}")
-                tensors.append(clf.preprocess(image))
-            except MedClassError as e:
-                self._skip(inst, str(e))
-                continue
-            except Exception as e:  # a decoder or transform failing on odd data: skip the image, not the study
-                self._skip(inst, f"cannot preprocess ({type(e).__name__}: {e})")
-                continue
-            metas.append(image.meta)
-            used.append(inst)
-        if not used:
+        res = clf.classify_study([inst["path"] for inst in chosen], batch_size=self.config.batch_size)
+        for k, reason in res.skipped.items():
+            self._skip(chosen[k], reason)
+        if not res.used:
             return None
-        x = torch.stack(tensors)
-        rows = forward_probabilities(clf.loaded, x, clf.extra_inputs(metas), batch_size=self.config.batch_size)
+        used = [chosen[k] for k in res.used]
         self.metrics.images_classified.inc(len(used))
-        row = clf.aggregate(rows)
-        probs = {c: round(float(p), 6) for c, p in zip(clf.classes, row)}
-        return probs, clf.task.label_names(row), used, clf
+        return res.probabilities, res.label, used, clf
 
     def _queue_report(self, study_uid: str, revision: int, checkpoint: str, clf: Classifier, probs, label,
                       sources: list[pydicom.Dataset], complete: bool = True,

@@ -31,6 +31,17 @@ class Prediction:
         return {"path": self.path, "label": self.label, "probabilities": self.probabilities}
 
 
+@dataclass
+class StudyResult:
+    """What :meth:`Classifier.classify_study` found for one study's images."""
+
+    probabilities: dict[str, float]  # study level, after the model's aggregation; empty when nothing was read
+    label: str | list[str]
+    used: list[int]  # indices of the images classified
+    skipped: dict[int, str]  # index -> why that image was not
+    image_probabilities: np.ndarray  # (len(used), K)
+
+
 def autocast(device: torch.device, enabled: bool = True):
     """bf16 autocast on GPU; a no-op on CPU, where it does not pay."""
     if enabled and device.type == "cuda":
@@ -132,6 +143,36 @@ class Classifier:
     def predict_paths(self, paths: Iterable[str | Path]) -> list[Prediction]:
         """Read and classify files (any format :func:`medclass.io.read_image` reads)."""
         return self.predict([self.read(p) for p in paths])
+
+    def classify_study(self, paths: Iterable[str | Path], batch_size: int = 64) -> StudyResult:
+        """Classify the images of one study (or series) together: one study-level result.
+
+        Each file is read and preprocessed as :meth:`read` and :meth:`preprocess` do; a
+        file that cannot be is skipped with its reason (the others still count), the
+        rest go through the model in batches, and :meth:`aggregate` combines them.
+        The DICOM node calls this for every series a model classifies.
+        """
+        from medclass.errors import MedClassError
+
+        tensors, metas, used, skipped = [], [], [], {}
+        for i, p in enumerate(paths):
+            try:
+                image = self.read(p)
+                tensors.append(self.preprocess(image))
+            except MedClassError as e:
+                skipped[i] = str(e)
+                continue
+            except Exception as e:  # a decoder or transform failing on odd data: skip the image, not the study
+                skipped[i] = f"cannot read or preprocess {p} ({type(e).__name__}: {e})"
+                continue
+            metas.append(image.meta)
+            used.append(i)
+        if not used:
+            return StudyResult({}, [], [], skipped, np.zeros((0, len(self.classes))))
+        rows = forward_probabilities(self.loaded, torch.stack(tensors), self.extra_inputs(metas), batch_size)
+        row = self.aggregate(rows)
+        return StudyResult({c: round(float(p), 6) for c, p in zip(self.classes, row)}, self.task.label_names(row),
+                           used, skipped, rows)
 
     def aggregate(self, probs: np.ndarray) -> np.ndarray:
         """Combine image probabilities ``(N, K)`` into one study-level row.
