@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from medclass.errors import MedClassError
-from medclass.inference import Classifier
+from medclass.inference import Classifier, calibrated_probabilities
 
 
 @dataclass
@@ -69,7 +69,7 @@ def explain(classifier: Classifier, image, class_name: str | None = None) -> Exp
     extra = classifier.extra_inputs([image.meta])
     extra = {k: v.to(loaded.device) for k, v in (extra or {}).items()}
     with torch.no_grad():
-        probs = loaded.task.probabilities(model(x, **extra)).cpu().numpy()[0]
+        probs = calibrated_probabilities(loaded, model(x, **extra)).cpu().numpy()[0]
     k, name = target_index(classifier, probs, class_name)
     probability = float(probs[classifier.classes.index(name)])
     method = model.explanation_method(x) if hasattr(model, "explanation_method") else "gradcam"

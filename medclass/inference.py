@@ -80,11 +80,21 @@ def forward_probabilities(
     """
     if not loaded.is_torch:
         return np.asarray(loaded.model.predict_proba(x.numpy()), dtype=np.float64)
+    logits = forward_logits(loaded, x, extra, batch_size)
+    probs = calibrated_probabilities(loaded, logits) if calibrated else loaded.task.probabilities(logits)
+    return probs.numpy().astype(np.float64)
+
+
+def calibrated_probabilities(loaded: LoadedModel, logits: torch.Tensor) -> torch.Tensor:
+    """The task's probabilities of ``logits`` after the card's temperature (and bias), if it has one.
+
+    Every probability a front door shows or ranks by goes through here, so that active
+    learning scores what the served model says, not its uncalibrated logits.
+    """
     from medclass.calibration import card_scaling, scale_logits
 
-    logits = forward_logits(loaded, x, extra, batch_size)
-    t, bias = card_scaling(loaded.card) if calibrated else (None, None)
-    return loaded.task.probabilities(scale_logits(logits, t, bias)).numpy().astype(np.float64)
+    t, bias = card_scaling(loaded.card)
+    return loaded.task.probabilities(scale_logits(logits, t, bias))
 
 
 class Classifier:
