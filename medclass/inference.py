@@ -8,6 +8,8 @@ and post-processing are written once.
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from medclass.checkpoint import LoadedModel, load_checkpoint
+from medclass.errors import MedClassError
 
 
 @dataclass
@@ -162,8 +165,6 @@ class Classifier:
         rest go through the model in batches, and :meth:`aggregate` combines them.
         The DICOM node calls this for every series a model classifies.
         """
-        from medclass.errors import MedClassError
-
         tensors, metas, used, skipped = [], [], [], {}
         for i, p in enumerate(paths):
             try:
@@ -221,3 +222,63 @@ class Classifier:
             {c: round(float(p), 6) for c, p in zip(self.classes, probs_row)},
             meta or {},
         )
+
+
+@dataclass
+class PublishedModel:
+    """The checkpoint an annotation server serves for one model name.
+
+    Training writes a new ``model.pt`` elsewhere and :meth:`publish` moves it
+    in place atomically; :meth:`classifier` notices the new file (its size and
+    modification time) and reloads it, so the next request uses the new model
+    without a restart.
+    """
+
+    path: Path
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self._lock = threading.Lock()
+        self._cached: tuple[str, Any] | None = None
+
+    @property
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    @property
+    def version(self) -> str | None:
+        """Changes whenever a new checkpoint is published; ``None`` before the first."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return f"{st.st_mtime_ns}-{st.st_size}"
+
+    def card(self) -> dict[str, Any] | None:
+        from medclass.checkpoint import read_card
+
+        return read_card(self.path) if self.exists else None
+
+    def classifier(self):
+        """The current :class:`~medclass.inference.Classifier` (reloaded after a publication)."""
+        with self._lock:
+            version = self.version
+            if version is None:
+                raise MedClassError(f"no trained model at {self.path}",
+                                    "label images of every class and start a training run")
+            if self._cached is None or self._cached[0] != version:
+                self._cached = (version, Classifier(self.path, self.device))
+            return self._cached[1]
+
+    def publish(self, checkpoint: str | Path) -> str:
+        """Copy ``checkpoint`` into place atomically; returns the new version."""
+        import shutil
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        shutil.copyfile(checkpoint, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        return self.version or ""

@@ -5,7 +5,7 @@ label format defined here: a JSON object ``{"label": "<class>"}`` for
 single-label tasks, ``{"labels": ["<class>", ...]}`` for multi-label ones.
 This module validates it, turns labelled images into a
 :class:`~medclass.data.LabelledSet` for :func:`medclass.training.train`, keeps
-the served checkpoint (:class:`PublishedModel`: atomic publication, reload when
+the served checkpoint (:class:`medclass.inference.PublishedModel`: atomic publication, reload when
 it changes) and picks the next image to label from stored scores
 (:func:`choose_next`). The app's classes are thin wrappers around these.
 """
@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
@@ -131,68 +128,6 @@ def labelled_set(name: str, items: Iterable[tuple[str, str, list[str]]], task: T
                             "label at least a few images of every class before training")
     fp = hashlib.sha1(json.dumps([(s.key, s.label) for s in samples]).encode()).hexdigest()[:16]
     return LabelledSet(name, samples, task, fp, {}, "image-level labels from the annotation datastore")
-
-
-@dataclass
-class PublishedModel:
-    """The checkpoint an annotation server serves for one model name.
-
-    Training writes a new ``model.pt`` elsewhere and :meth:`publish` moves it
-    in place atomically; :meth:`classifier` notices the new file (its size and
-    modification time) and reloads it, so the next request uses the new model
-    without a restart.
-    """
-
-    path: Path
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        self.path = Path(self.path)
-        self._lock = threading.Lock()
-        self._cached: tuple[str, Any] | None = None
-
-    @property
-    def exists(self) -> bool:
-        return self.path.is_file()
-
-    @property
-    def version(self) -> str | None:
-        """Changes whenever a new checkpoint is published; ``None`` before the first."""
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return f"{st.st_mtime_ns}-{st.st_size}"
-
-    def card(self) -> dict[str, Any] | None:
-        from medclass.checkpoint import read_card
-
-        return read_card(self.path) if self.exists else None
-
-    def classifier(self):
-        """The current :class:`~medclass.inference.Classifier` (reloaded after a publication)."""
-        from medclass.inference import Classifier
-
-        with self._lock:
-            version = self.version
-            if version is None:
-                raise MedClassError(f"no trained model at {self.path}",
-                                    "label images of every class and start a training run")
-            if self._cached is None or self._cached[0] != version:
-                self._cached = (version, Classifier(self.path, self.device))
-            return self._cached[1]
-
-    def publish(self, checkpoint: str | Path) -> str:
-        """Copy ``checkpoint`` into place atomically; returns the new version."""
-        import shutil
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        shutil.copyfile(checkpoint, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        return self.version or ""
 
 
 def reserved_ids(infos: dict[str, dict], hold_seconds: float, now: float | None = None) -> set[str]:

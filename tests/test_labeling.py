@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from medclass.errors import MedClassError
+from medclass.inference import PublishedModel
 from medclass.labeling import (
     RESERVED_KEY,
-    PublishedModel,
     choose_next,
     encode_label,
     label_payload,

@@ -42,7 +42,7 @@ from typing import Any
 
 from medclass.checkpoint import read_card
 from medclass.errors import MedClassError
-from medclass.labeling import PublishedModel
+from medclass.inference import PublishedModel
 from medclass.models import model_info
 from medclass.paths import default_checkpoint
 from medclass.tasks import Task
