@@ -110,7 +110,7 @@ def imagenet_weights_lite0() -> str:
 
 @register_model("efficientnet-lite0", "cnn", spatial_dims=(2,),
                 description="EfficientNet-Lite0 (2D, ReLU6, no squeeze-excite); '--init imagenet' loads ImageNet")
-def efficientnet_lite0(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2, **_):
+def efficientnet_lite0(spatial_dims=2, in_channels=1, num_outputs=2, image_size=64, dropout: float = 0.2):
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
