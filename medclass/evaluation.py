@@ -44,15 +44,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None, out: str | Pat
     """Write ``out/metrics.json`` and the ROC, confusion and reliability plots."""
     from medclass.metrics import evaluation_report
 
-    loaded = load_checkpoint(checkpoint, device)
+    loaded, ds = _model_and_data(checkpoint, data, device, "evaluate on data labelled with the model's classes")
     card = loaded.card
-    data = data or card.get("data", {}).get("spec")
-    if not data:
-        raise MedClassError("no --data given and the checkpoint records none", "pass --data")
-    ds = load_dataset(data, card["task"]["type"])
-    if ds.task.classes != loaded.task.classes:
-        raise MedClassError(f"the dataset's classes {ds.task.classes} differ from the model's {loaded.task.classes}",
-                            "evaluate on data labelled with the model's classes")
     idx = select_split(card, ds, split)
     ts = materialize(ds, idx, loaded.preprocess_spec, multimodal=loaded.family == "crossmodal")
     probs = forward_probabilities(loaded, ts.x, ts.extra())
@@ -115,15 +108,8 @@ def calibrate_checkpoint(checkpoint: str | Path, data: str | None = None, out: s
     """
     from medclass.checkpoint import save_checkpoint
 
-    loaded = load_checkpoint(checkpoint, device)
+    loaded, ds = _model_and_data(checkpoint, data, device, "calibrate on the data the model was trained on")
     card = loaded.card
-    data = data or card.get("data", {}).get("spec")
-    if not data:
-        raise MedClassError("no --data given and the checkpoint records none", "pass --data")
-    ds = load_dataset(data, card["task"]["type"])
-    if ds.task.classes != loaded.task.classes:
-        raise MedClassError(f"the dataset's classes {ds.task.classes} differ from the model's {loaded.task.classes}",
-                            "calibrate on the data the model was trained on")
     mm = loaded.family == "crossmodal"
     val = materialize(ds, select_split(card, ds, "val"), loaded.preprocess_spec, multimodal=mm)
     try:
@@ -152,3 +138,16 @@ def calibrate_model(loaded, val_set, test_set=None, batch_size: int = 64) -> dic
     from medclass.calibration import calibrate
 
     return calibrate(loaded.task.type, loaded.task.classes, vz, vy, tz, ty, rescale=loaded.is_torch, link=link)
+
+
+def _model_and_data(checkpoint, data: str | None, device: str, remedy: str):
+    """The loaded checkpoint and its dataset (``data``, else the one its card records), classes checked."""
+    loaded = load_checkpoint(checkpoint, device)
+    data = data or loaded.card.get("data", {}).get("spec")
+    if not data:
+        raise MedClassError("no --data given and the checkpoint records none", "pass --data")
+    ds = load_dataset(data, loaded.card["task"]["type"])
+    if ds.task.classes != loaded.task.classes:
+        raise MedClassError(f"the dataset's classes {ds.task.classes} differ from the model's {loaded.task.classes}",
+                            remedy)
+    return loaded, ds
