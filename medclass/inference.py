@@ -137,7 +137,17 @@ class Classifier:
     def probabilities(self, images: list, texts: list[str | None] | None = None) -> np.ndarray:
         """Probabilities ``(N, K)`` for :class:`~medclass.io.ImageData` objects."""
         x = torch.stack([self.preprocess(im) for im in images])
-        return forward_probabilities(self.loaded, x, self.extra_inputs([im.meta for im in images], texts))
+        return self.forward(x, self.extra_inputs([im.meta for im in images], texts))
+
+    def forward(self, x: torch.Tensor, extra: dict[str, torch.Tensor] | None = None, batch_size: int = 64,
+                priority: str = "routine") -> np.ndarray:
+        """Calibrated probabilities ``(N, K)`` of preprocessed images: the model's forward pass only.
+
+        Every path of this class that runs the model comes through here, so where the model
+        runs (this process, or a remote inference server) is decided in one place.
+        ``priority`` (``urgent`` or ``routine``) matters only to a server that queues requests.
+        """
+        return forward_probabilities(self.loaded, x, extra, batch_size)
 
     def predict(self, images: list, texts: list[str | None] | None = None) -> list[Prediction]:
         """One :class:`Prediction` per image."""
@@ -180,7 +190,7 @@ class Classifier:
             used.append(i)
         if not used:
             return StudyResult({}, [], [], skipped, np.zeros((0, len(self.classes))))
-        rows = forward_probabilities(self.loaded, torch.stack(tensors), self.extra_inputs(metas), batch_size)
+        rows = self.forward(torch.stack(tensors), self.extra_inputs(metas), batch_size)
         row = self.aggregate(rows)
         return StudyResult({c: round(float(p), 6) for c, p in zip(self.classes, row)}, self.task.label_names(row),
                            used, skipped, rows)
