@@ -15,9 +15,12 @@ instance meets them:
 - :mod:`dicom_node.sender` — C-STORE of the SR and forwarded studies, with retries and a dead letter;
 - :mod:`dicom_node.router` — triage rules (``malignant >= 0.8`` → forward to ``URGENT``);
 - :mod:`dicom_node.status` and :mod:`dicom_node.metrics` — what the administrator sees (and ``node resend``);
+- :mod:`dicom_node.desk` — the triage desk, a web page of the worklist, the reports and the actions on them;
 - :mod:`dicom_node.tls` — the TLS contexts from ``[tls]`` (incoming and the node's own sends);
 - :mod:`dicom_node.config` and :mod:`dicom_node.destination` — ``node.toml`` and ``AET@HOST:PORT``;
-- :mod:`dicom_node.cli` — ``medclass node`` (``status``, ``resend``).
+- :mod:`dicom_node.node` — the running node: all of the above wired together, started and stopped;
+- :mod:`dicom_node.cli` — ``medclass node`` (``status``, ``resend``), reached from ``medclass`` through
+  the ``medclass.commands`` entry point (the core never imports the node).
 
 The real peers the tests and benchmarks start (Orthanc, dcmtk and pynetdicom storescp, the
 node itself, in subprocesses on loopback) live in ``tests/peers.py``, outside the package.
