@@ -139,21 +139,34 @@ def to_image_space(heatmap: np.ndarray, spatial_shape: tuple[int, ...]) -> np.nd
     return F.interpolate(t, size=tuple(spatial_shape), mode=mode, align_corners=False)[0, 0].numpy()
 
 
+def overlay_titles(explanation: Explanation) -> tuple[str, str]:
+    """The titles :func:`save_overlay` gives its two panels: where the image is from, and what the map says.
+
+    The input's title names the slice shown (the one a 2D model classified, or a 3D
+    map's middle slice); the map's names the method, the class and the model's
+    probability of it.
+    """
+    where = ""
+    if explanation.slice_index is not None:
+        where = f", slice {explanation.slice_index + 1} of {explanation.slices}"
+    if explanation.heatmap.ndim == 3:  # a volume: the overlay shows its middle slice
+        depth = explanation.heatmap.shape[0]
+        where = f", slice {depth // 2 + 1} of {depth}"
+    p = "" if explanation.probability is None else f" (p = {explanation.probability:.2f})"
+    return f"input{where}", f"{explanation.method}: {explanation.class_name}{p}"
+
+
 def save_overlay(explanation: Explanation, path: str | Path, title: str | None = None) -> Path:
-    """Write the input in grey with the heat map in colour over it, as PNG."""
+    """Write the input in grey with the heat map in colour over it, as PNG (titles: :func:`overlay_titles`)."""
     # An Agg canvas of our own: switching matplotlib's global backend would
     # disturb a host application's GUI (Slicer runs Qt).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     img, heat = explanation.input, explanation.heatmap
-    where = ""
-    if explanation.slice_index is not None:
-        where = f", slice {explanation.slice_index + 1} of {explanation.slices}"
     if heat.ndim == 3:  # a volume: show its middle slice
         mid = heat.shape[0] // 2
         heat, img = heat[mid], img[:, mid]
-        where = f", slice {mid + 1} of {explanation.heatmap.shape[0]}"
     base = img.mean(axis=0) if img.shape[0] != 3 else np.moveaxis(img, 0, -1)
     base = (base - base.min()) / (np.ptp(base) or 1.0)
     fig = Figure(figsize=(8, 4.2), dpi=100)
@@ -164,9 +177,9 @@ def save_overlay(explanation: Explanation, path: str | Path, title: str | None =
         ax.axis("off")
     im = axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
     fig.colorbar(im, ax=axes[1], fraction=0.046)
-    axes[0].set_title(f"input{where}")
-    p = "" if explanation.probability is None else f" (p = {explanation.probability:.2f})"
-    axes[1].set_title(f"{explanation.method}: {explanation.class_name}{p}")
+    input_title, map_title = overlay_titles(explanation)
+    axes[0].set_title(input_title)
+    axes[1].set_title(map_title)
     if explanation.note:
         fig.text(0.5, 0.01, explanation.note, ha="center", fontsize=8, wrap=True)
     if title:

@@ -377,6 +377,54 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def roc_curves(
+    task_type: str, y_true: np.ndarray, probs: np.ndarray, class_names: list[str],
+    threshold: float = 0.5, n_boot: int = 200, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """What :func:`plot_roc` draws: one ROC curve per class or label (binary: the positive class).
+
+    Parameters
+    ----------
+    task_type, y_true, probs, class_names, threshold
+        As for :func:`compute_metrics`.
+    n_boot, seed : int
+        Bootstrap resamples of the images for the band (0: no band) and their seed.
+
+    Returns
+    -------
+    list of dict
+        Per curve: ``name``, ``auc`` (``None`` when undefined: then no curve, band or
+        point), ``fpr`` and ``tpr`` (the curve), ``band`` (``grid`` of 1 - specificity
+        and the 2.5th / 97.5th percentiles ``low`` / ``high`` of the bootstrap curves'
+        sensitivity on it; ``None`` without resamples or with fewer than 10 usable ones)
+        and ``operating_point`` (``fpr``, ``sensitivity``, ``specificity`` at ``threshold``;
+        binary and multi-label tasks only, else ``None``).
+    """
+    from sklearn.metrics import roc_curve
+
+    y, p = _check(task_type, y_true, probs, class_names)
+    cols = [1] if task_type == "binary" else range(p.shape[1])
+    grid = np.linspace(0, 1, 101)
+    curves = []
+    for c in cols:
+        truth = (y[:, c] if task_type == "multilabel" else (y == c)).astype(int)
+        curve: dict[str, Any] = {"name": class_names[c], "auc": _num(_weighted_auc(truth, p[:, c],
+                                                                                   np.ones((1, len(truth))))[0]),
+                                 "fpr": None, "tpr": None, "band": None, "operating_point": None}
+        curves.append(curve)
+        if curve["auc"] is None:
+            continue
+        curve["fpr"], curve["tpr"], _ = roc_curve(truth, p[:, c])
+        band = _roc_band(truth, p[:, c], grid, n_boot, seed)
+        if band is not None:
+            curve["band"] = {"grid": grid, "low": band[0], "high": band[1]}
+        if task_type in ("binary", "multilabel"):
+            pos, pred = truth.astype(bool), p[:, c] >= threshold
+            sens, spec = float(pred[pos].mean()), float((~pred[~pos]).mean())
+            curve["operating_point"] = {"fpr": 1 - spec, "sensitivity": sens, "specificity": spec}
+    return curves
+
+
 def plot_roc(
     task_type: str, y_true: np.ndarray, probs: np.ndarray, class_names: list[str], path: str | Path,
     threshold: float = 0.5, n_boot: int = 200, seed: int = 0,
@@ -385,7 +433,7 @@ def plot_roc(
 
     Each curve has its 95 % bootstrap band (sensitivity at each 1 - specificity,
     ``n_boot`` resamples of the images) and, for binary and multi-label tasks, a dot
-    at the operating point the decision ``threshold`` gives.
+    at the operating point the decision ``threshold`` gives (see :func:`roc_curves`).
 
     Parameters
     ----------
@@ -401,29 +449,20 @@ def plot_roc(
     Path
         The written file. Classes with an undefined AUC are listed without a curve.
     """
-    from sklearn.metrics import roc_curve
-
-    y, p = _check(task_type, y_true, probs, class_names)
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
-    cols = [1] if task_type == "binary" else range(p.shape[1])
-    grid = np.linspace(0, 1, 101)
-    for c in cols:
-        truth = y[:, c] if task_type == "multilabel" else (y == c)
-        auc = _num(_weighted_auc(truth, p[:, c], np.ones((1, len(truth))))[0])
-        if auc is None:
-            ax.plot([], [], label=f"{class_names[c]} (AUC undefined)")
+    for curve in roc_curves(task_type, y_true, probs, class_names, threshold, n_boot, seed):
+        if curve["auc"] is None:
+            ax.plot([], [], label=f"{curve['name']} (AUC undefined)")
             continue
-        fpr, tpr, _ = roc_curve(truth.astype(int), p[:, c])
-        (line,) = ax.plot(fpr, tpr, lw=1.5, label=f"{class_names[c]} (AUC {auc:.3f})")
-        band = _roc_band(truth.astype(int), p[:, c], grid, n_boot, seed)
-        if band is not None:
-            ax.fill_between(grid, band[0], band[1], color=line.get_color(), alpha=0.15, lw=0)
-        if task_type in ("binary", "multilabel"):
-            pos, pred = truth.astype(bool), p[:, c] >= threshold
-            sens, spec = pred[pos].mean(), (~pred[~pos]).mean()
-            ax.plot([1 - spec], [sens], "o", color=line.get_color(), ms=6, mec="black",
-                    label=f"threshold {threshold:g}: sens {sens:.2f}, spec {spec:.2f}")
+        (line,) = ax.plot(curve["fpr"], curve["tpr"], lw=1.5, label=f"{curve['name']} (AUC {curve['auc']:.3f})")
+        if curve["band"] is not None:
+            b = curve["band"]
+            ax.fill_between(b["grid"], b["low"], b["high"], color=line.get_color(), alpha=0.15, lw=0)
+        if curve["operating_point"] is not None:
+            op = curve["operating_point"]
+            ax.plot([op["fpr"]], [op["sensitivity"]], "o", color=line.get_color(), ms=6, mec="black",
+                    label=f"threshold {threshold:g}: sens {op['sensitivity']:.2f}, spec {op['specificity']:.2f}")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="chance")
     title = "ROC (shaded: 95 % bootstrap band)" if n_boot else "ROC"
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity", title=title)
@@ -497,6 +536,36 @@ def plot_confusion(
     return _save(fig, path)
 
 
+def reliability_bins(
+    task_type: str, y_true: np.ndarray, probs: np.ndarray, class_names: list[str], threshold: float = 0.5,
+) -> dict[str, Any]:
+    """What :func:`plot_reliability` draws: the ECE's ``N_ECE_BINS`` confidence bins.
+
+    Parameters
+    ----------
+    task_type, y_true, probs, class_names, threshold
+        As for :func:`compute_metrics` (binary and multi-label: each decision is an item).
+
+    Returns
+    -------
+    dict
+        ``edges`` (``N_ECE_BINS + 1``), ``count`` (items per bin), ``accuracy`` and
+        ``confidence`` (their mean per bin, NaN in an empty bin) and ``ece``, the same
+        value :func:`compute_metrics` reports.
+    """
+    y, p = _check(task_type, y_true, probs, class_names)
+    conf, correct = _calibration(p, y, task_type, threshold)
+    bins = _ece_bins(conf)
+    count = np.bincount(bins, minlength=N_ECE_BINS)
+    return {
+        "edges": np.linspace(0.0, 1.0, N_ECE_BINS + 1),
+        "count": count,
+        "accuracy": _ratio(np.bincount(bins, weights=correct, minlength=N_ECE_BINS), count.astype(np.float64)),
+        "confidence": _ratio(np.bincount(bins, weights=conf, minlength=N_ECE_BINS), count.astype(np.float64)),
+        "ece": float(_weighted_ece(conf, correct, np.ones((1, len(conf))))[0]),
+    }
+
+
 def plot_reliability(
     task_type: str,
     y_true: np.ndarray,
@@ -517,26 +586,21 @@ def plot_reliability(
     Returns
     -------
     Path
-        The written file.
+        The written file (the bins are :func:`reliability_bins`).
     """
-    y, p = _check(task_type, y_true, probs, class_names)
-    conf, correct = _calibration(p, y, task_type, threshold)
-    bins = _ece_bins(conf)
-    count = np.bincount(bins, minlength=N_ECE_BINS)
-    acc = _ratio(np.bincount(bins, weights=correct, minlength=N_ECE_BINS), count.astype(np.float64))
-    ece = _weighted_ece(conf, correct, np.ones((1, len(conf))))[0]
-    width = 1.0 / N_ECE_BINS
-    centres = (np.arange(N_ECE_BINS) + 0.5) * width
+    rel = reliability_bins(task_type, y_true, probs, class_names, threshold)
+    edges = rel["edges"]
+    centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
-    ax.bar(centres, np.nan_to_num(acc), width=width, edgecolor="black", alpha=0.8, label="accuracy")
+    ax.bar(centres, np.nan_to_num(rel["accuracy"]), width=width, edgecolor="black", alpha=0.8, label="accuracy")
     # How many predictions each bin holds (at the foot of its bar): a bar of 3 images says little.
-    for x, n in zip(centres, count):
+    for x, n in zip(centres, rel["count"]):
         if n:
             ax.text(x, 0.02, f"n={n}", ha="center", va="bottom", fontsize=6, rotation=90)
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.set(
-        xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"Reliability (ECE {ece:.3f})"
+        xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"Reliability (ECE {rel['ece']:.3f})"
     )
     ax.legend(loc="upper left", fontsize="small")
     return _save(fig, path)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from medclass.checkpoint import LoadedModel
-from medclass.explain import explain
+from medclass.explain import Explanation, explain, overlay_titles, save_overlay
 from medclass.inference import Classifier
 from medclass.io import ImageData
 from medclass.models import ClassifierModule
@@ -86,3 +86,24 @@ def test_an_all_zero_gradcam_falls_back_to_saliency_and_says_so():
     peak = np.unravel_index(np.argmax(dark.heatmap), dark.heatmap.shape)
     assert 20 <= peak[0] < 28 and 4 <= peak[1] < 12, peak  # the only pixels the model depends on
     assert dark.probability == pytest.approx(1 - bright.probability, abs=1e-6)
+
+
+def test_overlay_titles_say_the_probability_and_the_slice_used(tmp_path):
+    card = {"model": {"name": "brightness", "family": "cnn"}, "preprocess": {**DEFAULT_SPEC, "image_size": 32},
+            "task": {"type": "binary", "classes": ["dark", "bright"]}}
+    clf = Classifier(LoadedModel(Brightness().eval(), card, Task("binary", ["dark", "bright"]), torch.device("cpu")))
+    volume = np.full((1, 7, 64, 64), 0.1, dtype=np.float32)  # a volume given to a 2D model
+    volume[0, 3, 40:56, 8:24] = 1.0
+
+    ex = explain(clf, ImageData(volume, {"path": None}))
+    assert (ex.slice_index, ex.slices) == (3, 7)  # the middle slice, the one the model classified
+    assert ex.probability == pytest.approx(clf.probabilities([ImageData(volume, {"path": None})])[0][1], abs=1e-6)
+    assert overlay_titles(ex) == ("input, slice 4 of 7", f"gradcam: bright (p = {ex.probability:.2f})")
+    assert save_overlay(ex, tmp_path / "overlay.png").read_bytes()[:4] == b"\x89PNG"
+
+    image = ImageData(volume[:, 3], {"path": None})  # the same slice as a 2D image: no slice to name
+    assert overlay_titles(explain(clf, image))[0] == "input"
+
+    # A 3D map is shown by its middle slice; an attention map without a probability says none.
+    flat = Explanation(np.zeros((5, 8, 8), np.float32), np.zeros((1, 5, 8, 8), np.float32), "tumour", "attention")
+    assert overlay_titles(flat) == ("input, slice 3 of 5", "attention: tumour")

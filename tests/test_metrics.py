@@ -20,6 +20,8 @@ from medclass.metrics import (
     plot_confusion,
     plot_reliability,
     plot_roc,
+    reliability_bins,
+    roc_curves,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -207,6 +209,82 @@ def test_plots_are_png(task: str, tmp_path) -> None:
         out = fn(task, y, p, names, tmp_path / name)
         data = out.read_bytes()
         assert data[:8] == PNG_SIGNATURE and len(data) > 5000, name
+
+
+def _noisy_binary(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    return y, _binary(y, np.clip(0.35 * y + 0.65 * rng.random(n), 0, 1))
+
+
+def test_roc_band_holds_the_curve_and_narrows_with_more_images() -> None:
+    y, p = _noisy_binary(200, 3)
+    (curve,) = roc_curves("binary", y, p, ["normal", "tumour"], n_boot=200, seed=0)
+    assert curve["name"] == "tumour" and curve["auc"] == pytest.approx(roc_auc_score(y, p[:, 1]))
+    band = curve["band"]
+    assert band["grid"][0] == 0 and band["grid"][-1] == 1 and np.all(np.diff(band["grid"]) > 0)
+    assert np.all(band["low"] <= band["high"])
+    on_grid = np.interp(band["grid"], curve["fpr"], curve["tpr"])
+    assert np.mean((band["low"] - 1e-9 <= on_grid) & (on_grid <= band["high"] + 1e-9)) >= 0.95
+    width = {}
+    for n in (50, 800):
+        b = roc_curves("binary", *_noisy_binary(n, 5), ["a", "b"])[0]["band"]
+        width[n] = np.mean(b["high"] - b["low"])
+    assert 0 < width[800] < width[50] < 0.5  # a band, not a line nor the whole square
+    # Seeded: the same band twice; no resamples, no band.
+    again = roc_curves("binary", y, p, ["normal", "tumour"], n_boot=200, seed=0)[0]["band"]
+    assert np.array_equal(again["low"], band["low"]) and np.array_equal(again["high"], band["high"])
+    assert roc_curves("binary", y, p, ["normal", "tumour"], n_boot=0)[0]["band"] is None
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_roc_operating_point_is_the_thresholds_sensitivity_and_specificity(threshold: float) -> None:
+    y, p = _noisy_binary(120, 8)
+    op = roc_curves("binary", y, p, ["normal", "tumour"], threshold=threshold, n_boot=0)[0]["operating_point"]
+    m = compute_metrics("binary", y, p, ["normal", "tumour"], threshold=threshold)
+    assert op["sensitivity"] == pytest.approx(m["sensitivity"])
+    assert op["specificity"] == pytest.approx(m["specificity"])
+    assert op["fpr"] == pytest.approx(1 - m["specificity"])
+
+
+def test_roc_curves_per_label_and_per_class() -> None:
+    cases = _cases(np.random.default_rng(11))
+    y, p, names = cases["multilabel"]
+    m = compute_metrics("multilabel", y, p, names)
+    curves = roc_curves("multilabel", y, p, names, n_boot=50)
+    assert [c["name"] for c in curves] == names
+    for c in curves:
+        assert c["operating_point"]["sensitivity"] == pytest.approx(m["per_label"][c["name"]]["sensitivity"])
+    y, p, names = cases["multiclass"]
+    curves = roc_curves("multiclass", y, p, names, n_boot=50)
+    assert [c["name"] for c in curves] == names
+    assert all(c["operating_point"] is None and c["band"] is not None for c in curves)  # no single threshold
+    one_class = np.zeros(20, dtype=int)
+    (undefined,) = roc_curves("binary", one_class, _binary(one_class, np.linspace(0, 1, 20)), ["a", "b"])
+    assert undefined["auc"] is None and undefined["band"] is None and undefined["fpr"] is None
+
+
+@pytest.mark.parametrize("task", ["binary", "multiclass", "ordinal", "multilabel"])
+def test_reliability_bins_count_every_decision(task: str) -> None:
+    y, p, names = _cases(np.random.default_rng(12))[task]
+    rel = reliability_bins(task, y, p, names)
+    count, acc, conf = rel["count"], rel["accuracy"], rel["confidence"]
+    assert len(rel["edges"]) == len(count) + 1
+    assert count.sum() == y.size  # multilabel: every (case, label) decision
+    # Confidence: the probability of what was decided (binary/multilabel: >= 0.5), binned (lo, hi].
+    if task in ("binary", "multilabel"):
+        q = p[:, 1] if task == "binary" else p.ravel()
+        c = np.maximum(q, 1 - q)
+    else:
+        c = p.max(axis=1)
+    lo, hi = rel["edges"][:-1], rel["edges"][1:]
+    expected = [np.sum((c > a) & (c <= b)) + (np.sum(c == 0) if i == 0 else 0) for i, (a, b) in enumerate(zip(lo, hi))]
+    assert count.tolist() == expected
+    filled = count > 0
+    assert np.all(np.isnan(acc[~filled])) and np.all((acc[filled] >= 0) & (acc[filled] <= 1))
+    assert np.all((conf[filled] > lo[filled] - 1e-12) & (conf[filled] <= hi[filled] + 1e-12))
+    ece = np.sum(count[filled] / count.sum() * np.abs(acc[filled] - conf[filled]))
+    assert rel["ece"] == pytest.approx(ece) == pytest.approx(compute_metrics(task, y, p, names)["ece"])
 
 
 def test_evaluation_report(tmp_path) -> None:
