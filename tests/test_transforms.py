@@ -113,6 +113,64 @@ def test_histogram_equalize_and_clahe(ct, volume):
     assert (HistogramEqualize()(np.zeros((1, 8, 8), np.float32)) == 0).all()
 
 
+# --------------------------------------------------------------------------- MONAI's against the old output
+# What medclass computed by hand before it used MONAI's transforms. A MONAI transform stands in
+# for one only where it gives the same output; where it does not, the class says what differs.
+
+
+def _scaled(img: np.ndarray) -> np.ndarray:
+    img = img.astype(np.float32)
+    return (img - img.min()) / (img.max() - img.min())
+
+
+def test_window_and_percentiles_are_the_old_output(ct, rgb):
+    np.testing.assert_allclose(Window(40, 400)(ct), np.clip((ct - (40 - 400 / 2)) / 400, 0, 1), atol=1e-6)
+    for img in (ct, rgb):
+        lo, hi = np.percentile(img, [0.5, 99.5])
+        np.testing.assert_allclose(ScaleIntensityPercentiles()(img), np.clip((img - lo) / (hi - lo), 0, 1), atol=1e-6)
+
+
+def test_median_is_the_old_output_inside_and_for_the_pipelines_window(ct, volume):
+    from scipy import ndimage
+
+    for img in (_scaled(ct), _scaled(volume)):
+        nd = img.ndim - 1
+        # The pipeline's window (3): identical everywhere (a 1-pixel mirror is the edge pixel).
+        np.testing.assert_array_equal(Denoise("median", size=3)(img), ndimage.median_filter(img, size=(1,) + (3,) * nd))
+        # Wider: MONAI repeats the edge pixel where scipy mirrored; only the 2-pixel border may differ.
+        out, old = Denoise("median", size=5)(img), ndimage.median_filter(img, size=(1,) + (5,) * nd)
+        inside = (slice(None),) + (slice(2, -2),) * nd
+        np.testing.assert_array_equal(out[inside], old[inside])
+
+
+def test_gaussian_keeps_the_old_output_and_the_border_monai_would_darken(ct):
+    from monai.transforms import GaussianSmooth
+    from scipy import ndimage
+
+    img = _scaled(ct)
+    old = ndimage.gaussian_filter(img, sigma=(0, 1.0, 1.0))
+    np.testing.assert_allclose(Denoise("gaussian", sigma=1.0)(img), old, atol=1e-6)
+    # The measured reason Denoise does not use MONAI's GaussianSmooth (zero padding):
+    monai = np.asarray(GaussianSmooth(sigma=1.0)(img))
+    assert (old - monai)[:, :4].max() > 0.1  # the top edge comes out darker
+    assert np.abs(old - monai)[:, 5:-5, 5:-5].max() < 0.01  # inside, only the kernel differs
+
+
+def test_histogram_equalisation_is_the_old_output_rescaled_and_the_same_after_the_pipeline(ct, rgb):
+    from skimage import exposure
+
+    for img in (ct, rgb):  # rgb: a Br35H JPEG whose black background is a third of the pixels
+        old = np.stack([exposure.equalize_hist(c, nbins=256) for c in img])
+        new = HistogramEqualize(256)(img)
+        for c_old, c_new in zip(old, new):
+            # MONAI's is skimage's stretched so that the darkest value is 0 (skimage gives it
+            # the darkest bin's share of the pixels, 0.36 on this JPEG): an exact affine map ...
+            scale = (1 - c_old.min()) if c_old.min() < 1 else 1
+            np.testing.assert_allclose(c_new, (c_old - c_old.min()) / scale, atol=1e-6)
+        # ... which the percentile scaling after it in the pipeline (specs without a window) undoes.
+        np.testing.assert_allclose(ScaleIntensityPercentiles()(new), ScaleIntensityPercentiles()(old), atol=1e-6)
+
+
 def test_window_hounsfield(ct):
     out = Window(40, 400)(ct)
     assert 0 <= out.min() and out.max() <= 1
