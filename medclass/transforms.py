@@ -306,7 +306,7 @@ class Denoise(Transform):
     - Gaussian: MONAI's ``GaussianSmooth`` pads with zeros, which darkens the border (up to
       0.21 darker within ``4 sigma`` of the edge on CT_small) and its default ``erf`` kernel
       is 0.005 off inside. A denoiser must not dim the edge of the image, so this one
-      stays scipy's ``gaussian_filter``, the output models were trained on.
+      stays scipy's ``gaussian_filter``, the filter medclass used before.
 
     Parameters
     ----------
