@@ -220,7 +220,7 @@ def choose_next(
     MedClassError
         Unknown strategy, or the scores/embeddings it needs are missing.
     """
-    from medclass.active import STRATEGIES, select
+    from medclass.active import NEEDS_EMBEDDINGS, NEEDS_SCORES, STRATEGIES, select
 
     if strategy not in STRATEGIES:
         raise MedClassError(f"unknown strategy {strategy!r}", f"use one of: {', '.join(STRATEGIES)}")
@@ -231,7 +231,7 @@ def choose_next(
     detail: dict[str, Any] = {"strategy": strategy, "candidates": len(pool)}
     method = {"hybrid": "entropy"}.get(strategy, strategy)
     score_vec = None
-    if strategy in ("entropy", "margin", "least-confidence", "bald", "hybrid"):
+    if strategy in NEEDS_SCORES:
         scored, failed = [], 0
         for i in pool:
             entry = (scores or {}).get(i) or {}
@@ -247,7 +247,7 @@ def choose_next(
         pool = scored
         score_vec = np.array([float(scores[i]["scores"][method]) for i in pool])
     pool_emb = lab_emb = None
-    if strategy in ("coreset", "hybrid", "typiclust"):
+    if strategy in NEEDS_EMBEDDINGS:
         have = [i for i in pool if embeddings is not None and i in embeddings]
         if not have:
             raise MedClassError("no embeddings for the unlabelled images yet",

@@ -120,6 +120,27 @@ def test_choose_next_coreset_goes_far_from_the_labelled():
         choose_next("coreset", ["near"], embeddings={}, labelled=[])
 
 
+@pytest.mark.parametrize("strategy", ["random", "entropy", "margin", "least-confidence", "bald", "coreset",
+                                      "hybrid", "typiclust"])
+def test_what_a_strategy_needs_is_what_the_table_says(strategy):
+    from medclass.active import NEEDS_EMBEDDINGS, NEEDS_SCORES, STRATEGIES
+
+    # The app scores the pool only for strategies in these tables: each must match what choose_next asks for.
+    assert strategy in STRATEGIES and NEEDS_SCORES | NEEDS_EMBEDDINGS <= set(STRATEGIES)
+    ids = [f"img{i}" for i in range(12)]
+    rng = np.random.default_rng(0)
+    scores = {i: {"scores": {m: float(rng.random()) for m in ("entropy", "margin", "least-confidence", "bald")}}
+              for i in ids}
+    emb = {i: rng.normal(size=4) for i in ids}
+    for given_scores, given_emb in ((None, None), (scores, None), (None, emb), (scores, emb)):
+        needed = (strategy not in NEEDS_SCORES or given_scores) and (strategy not in NEEDS_EMBEDDINGS or given_emb)
+        if needed:
+            assert choose_next(strategy, ids[4:], given_scores, given_emb, labelled=ids[:4], seed=1)[0] in ids[4:]
+        else:
+            with pytest.raises(MedClassError):
+                choose_next(strategy, ids[4:], given_scores, given_emb, labelled=ids[:4], seed=1)
+
+
 def test_choose_next_random_and_unknown_strategy():
     picks = {choose_next("random", ["a", "b", "c"], seed=s)[0] for s in range(30)}
     assert picks == {"a", "b", "c"}

@@ -51,6 +51,8 @@ from medclass.active.scores import (
 from medclass.active.selection import (
     COLD_START,
     HYBRID_FACTOR,
+    NEEDS_EMBEDDINGS,
+    NEEDS_SCORES,
     STRATEGIES,
     STRATEGY_DESCRIPTIONS,
     k_center_greedy,
@@ -73,7 +75,8 @@ from medclass.active.simulation import (
 )
 
 __all__ = [
-    "COLD_START", "FALLBACK_DROPOUT", "HYBRID_FACTOR", "SCORE_METHODS", "STRATEGIES", "STRATEGY_DESCRIPTIONS",
+    "COLD_START", "FALLBACK_DROPOUT", "HYBRID_FACTOR", "NEEDS_EMBEDDINGS", "NEEDS_SCORES", "SCORE_METHODS",
+    "STRATEGIES", "STRATEGY_DESCRIPTIONS",
     "SimulationConfig", "bald", "embeddings", "encode", "fit_labelled", "k_center_greedy", "labels_to_reach",
     "mc_dropout_probabilities", "probe_auc", "probe_fit", "probe_probabilities", "score_pool", "select",
     "simulate", "simulate_embeddings", "simulate_with_init", "stratified_subset", "summarize", "typiclust",

@@ -19,6 +19,11 @@ STRATEGY_DESCRIPTIONS = {
     "typiclust": "the most typical image of the largest cluster no labelled image covers (cold start)",
 }
 STRATEGIES = tuple(STRATEGY_DESCRIPTIONS)
+#: What each strategy ranks by, beyond the pool itself: the scoring run's uncertainty scores
+#: (``hybrid`` uses entropy) and the served model's embeddings of the images. The app asks the
+#: scoring task for whichever a strategy needs; :func:`medclass.labeling.choose_next` checks them.
+NEEDS_SCORES = frozenset({"entropy", "margin", "least-confidence", "bald", "hybrid"})
+NEEDS_EMBEDDINGS = frozenset({"coreset", "hybrid", "typiclust"})
 # Strategies that need no model, only embeddings: they can pick the very first images.
 COLD_START = ("random", "coreset", "typiclust")
 # TypiClust: typicality is the inverse mean distance to this many nearest neighbours in the

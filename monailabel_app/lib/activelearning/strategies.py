@@ -23,7 +23,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.configs.classification import AppConfig
 from lib.scoring.uncertainty import ensure_scored, load_embeddings
-from medclass.active import STRATEGY_DESCRIPTIONS
+from medclass.active import NEEDS_EMBEDDINGS, NEEDS_SCORES, STRATEGY_DESCRIPTIONS
 from medclass.errors import MedClassError
 from medclass.labeling import RESERVED_KEY, SCORES_KEY, candidate_pools, choose_next
 
@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 
 _LOCK = threading.Lock()
 
-#: Strategies that rank by the scoring run's scores or embeddings.
-SCORED = frozenset({"entropy", "margin", "least-confidence", "bald", "coreset", "hybrid", "typiclust"})
+#: Strategies that rank by what the scoring run stores: its scores or its embeddings.
+SCORED = NEEDS_SCORES | NEEDS_EMBEDDINGS
 #: Strategies that need the served model's embeddings of the pool.
-EMBEDDED = frozenset({"coreset", "hybrid", "typiclust"})
+EMBEDDED = NEEDS_EMBEDDINGS
 
 
 class ClassificationStrategy(Strategy):
