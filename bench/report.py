@@ -157,6 +157,25 @@ def node_section(ingest: list[dict], turn: list[dict]) -> list[str]:
     return out
 
 
+def node_series_section(runs: list[dict]) -> list[str]:
+    if not runs:
+        return []
+    r = runs[-1]
+    t, c, s = r["turnaround_seconds"], r["stable_to_classified_seconds"], r["classified_to_sr_stored_seconds"]
+    out = ["## DICOM node: a 500-instance CT series", "",
+           f"`python bench/bench_node_series.py`: {r['what']}. Model: {r['model']} ({r['model_name']}); "
+           f"stable_seconds {r['stable_seconds']}; arrival cache: {r['arrival_cache']}.", "",
+           "| series | instances | stable -> SR stored p50 / p95 s | stable -> classified p95 s | "
+           "classified -> SR stored p95 s |", "| --- | --- | --- | --- | --- |",
+           f"| {r['studies']} | {r['instances']} | {t['p50']:.2f} / {t['p95']:.2f} | {c['p95']:.2f} | "
+           f"{s['p95']:.2f} |", "",
+           f"Goal: {r['goal']}. Measured p95 {t['p95']:.2f} s: {'met' if r['met'] else 'not met'}."]
+    if r.get("conditions"):
+        out += ["", f"Conditions: {r['conditions']}."]
+    out += ["", f"Measured: {_machine(r['machine'])}.", ""]
+    return out
+
+
 def label_wait_section(runs: list[dict]) -> list[str]:
     """The annotator's wait through the MONAI Label app (bench/bench_label_wait.py)."""
     if not runs:
@@ -499,6 +518,7 @@ def main() -> None:
     lines += text_section(_load("text.json"))
     lines += node_section(_load("node-ingest.json"), _load("node-turnaround.json"))
     lines += node_batch_section(_load("node-batch.json"))
+    lines += node_series_section(_load("node-series.json"))
     lines += desk_section(_load("desk.json"))
     lines += al_section(_load("al-sim.json"))
     lines += calibration_section(_load("calibration*.json"))
