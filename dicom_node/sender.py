@@ -81,6 +81,10 @@ class OutboxSender:
         self.spool = spool
         self.metrics = metrics
         self.ssl_context = ssl_context
+        for ep in getattr(config, "endpoints", {}).values():
+            if ep.auth != "none" and ep.url.startswith("http://"):
+                log.warning("[[dicomweb]] %s sends its %s credentials over plain HTTP (%s): anyone on the path can "
+                            "read them; use an https:// url", ep.name, ep.auth, ep.url)
 
     def due(self, now: float | None = None) -> list[dict[str, Any]]:
         """The pending items due now, urgent first."""
