@@ -302,8 +302,9 @@ def _check_stored(where: str, datasets: list, answer: Any) -> None:
             raise SendError(f"{where} refused instance {uid} (Failed SOP Sequence, reason{code or ' not given'}); "
                             "the server's log says why", transient=False)
         if uid not in stored:
-            raise SendError(f"{where} answered success but did not list instance {uid} as stored (Referenced SOP "
-                            "Sequence); check that url is the DICOMweb root and the server's log", transient=False)
+            raise SendError(f"{where} answered but did not list instance {uid} as stored (not in its Referenced SOP "
+                            "Sequence): it dropped or refused it (a filter or rule of the server?); its log says why",
+                            transient=False)
 
 
 def _http_failure(endpoint: DicomWebEndpoint, where: str, response: Any) -> SendError:

@@ -82,6 +82,27 @@ def test_wrong_password_goes_to_the_dead_letter_with_a_remedy(node_factory, orth
     assert pacs.get("/instances") == []
 
 
+def test_an_instance_the_server_does_not_store_goes_to_the_dead_letter(node_factory, orthanc_factory, ct_study,
+                                                                       tmp_path):
+    # A real refusal: Orthanc's Lua filter rejects CT, and its DICOMweb plugin then answers the STOW
+    # with the instance in neither the Referenced nor the Failed SOP Sequence. The SR (not CT) is stored.
+    lua = tmp_path / "refuse-ct.lua"
+    lua.write_text("function ReceivedInstanceFilter(dicom, origin, info)\n"
+                   "  if dicom.Modality == 'CT' then error('this archive takes no CT') end\n"
+                   "  return true\nend\n")
+    pacs = orthanc_factory({}, dicomweb=True, LuaScripts=[str(lua)])
+    node = node_factory(return_to=pacs.dicomweb_url, forward=[{"when": "normal >= 0.0", "to": pacs.dicomweb_url}])
+    study = copy_study(ct_study[:1], tmp_path / "study")
+    assert storescu(node.port, study).returncode == 0
+
+    wait_until(lambda: sorted(r["state"] for r in _outbox(node)) == ["dead", "sent"], 60, 0.2,
+               "the forward dead and the SR sent")
+    forward = next(r for r in _outbox(node) if r["kind"] == "forward")
+    assert forward["state"] == "dead" and forward["attempts"] == 1  # not retried: the same answer would come
+    assert "did not list instance" in forward["last_error"] and "its log says why" in forward["last_error"]
+    assert len(pacs.datasets("SR")) == 1 and len(pacs.get("/instances")) == 1
+
+
 def test_orthanc_down_then_up_is_retried_and_stored_once(node_factory, orthanc_factory, ct_study, tmp_path,
                                                          monkeypatch):
     monkeypatch.setenv("PACS_WEB_PASSWORD", PASSWORD)
