@@ -7,7 +7,7 @@ A ``node.toml`` (every key optional)::
     bind = "0.0.0.0"
     data_dir = "/var/lib/medclass-node"
     checkpoint = "/models/chest.pt"          # default model for every image series
-    return_to = "ORTHANC@pacs.example.org:4242"
+    return_to = "ORTHANC@pacs.example.org:4242"  # or a DICOMweb root URL, or a [[dicomweb]] name
     stable_seconds = 10
     metrics_port = 9110                        # 0: no /metrics endpoint
     classify_any_modality = false              # true: no [[routes]] means every series, whatever the model's card says
@@ -33,6 +33,15 @@ A ``node.toml`` (every key optional)::
     to = "URGENT@10.0.0.9:104"
     priority = "high"
 
+    [[dicomweb]]                               # a DICOMweb (STOW-RS) destination (dicom_node.destination)
+    name = "pacs-web"                          # return_to / [[forward]] to may say "pacs-web"
+    url = "https://pacs.example.org/dicom-web"
+    username = "medclass"                      # basic authentication ...
+    password_env = "PACS_WEB_PASSWORD"         # ... the password in this environment variable, never here
+    # token_env = "PACS_WEB_TOKEN"             # or a bearer token
+    ca = "pacs-ca.crt"                         # optional: CA bundle of the server's certificate
+    timeout_seconds = 30
+
     [[users]]                                  # who may log in to the desk (viewer or admin)
     name = "admin"
     role = "admin"
@@ -56,7 +65,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dicom_node.destination import Destination
+from dicom_node.destination import (
+    Destination,
+    DicomWebEndpoint,
+    DicomWebTarget,
+    check_url,
+    is_url,
+    parse_destination,
+)
 from medclass.errors import MedClassError
 from medclass.paths import default_checkpoint
 
@@ -72,7 +88,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "give_up_after_hours": _NUMBER,
     "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
     "tls": dict, "classify_any_modality": bool, "fast_path": bool, "coverage": _NUMBER, "web_port": int,
-    "web_bind": str, "users": list,
+    "web_bind": str, "users": list, "dicomweb": list,
 }
 _TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
                    dict: "a [table]", bool: "true or false"}[v] for k, v in _TYPES.items()}
@@ -109,6 +125,8 @@ class NodeConfig:
     web_port: int = 0  # the triage desk; 0: off
     web_bind: str = "127.0.0.1"  # loopback unless said otherwise: the desk shows patient data
     users: list[dict[str, str]] = field(default_factory=list)
+    #: DICOMweb endpoints with their authentication ([[dicomweb]], dicom_node.destination.DicomWebEndpoint).
+    dicomweb: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title.strip()) <= 16:
@@ -123,8 +141,7 @@ class NodeConfig:
                                 "write e.g. coverage = 0.95 (or 0 for no conformal sets)")
         if self.stable_seconds < 0:
             raise MedClassError("stable_seconds must be >= 0", "pass --stable-seconds 10")
-        if self.return_to:
-            Destination.parse(self.return_to, "return_to")
+        self._resolve_destinations()
         _check_ports(self)
         # Every rule is checked here, at start, so that a mistake in node.toml is one line
         # at the command line rather than a failure at the first study.
@@ -165,9 +182,54 @@ class NodeConfig:
 
         check_users(self.users)
 
+    def _resolve_destinations(self) -> None:
+        """Check the [[dicomweb]] tables, and write a destination that names one as its URL.
+
+        After this, ``return_to`` and every ``[[forward]] to`` is ``AET@HOST:PORT`` or a
+        DICOMweb root URL: what the outbox records and the desk shows.
+        """
+        self.endpoints: dict[str, DicomWebEndpoint] = {}
+        for table in self.dicomweb:
+            if not isinstance(table, dict):
+                raise MedClassError("[[dicomweb]] should be a list of tables", "write each as a [[dicomweb]] table")
+            ep = DicomWebEndpoint.from_table(table)
+            if ep.name in self.endpoints:
+                raise MedClassError(f"[[dicomweb]] name {ep.name!r} is given twice", "give each endpoint its own name")
+            if any(e.url == ep.url for e in self.endpoints.values()):
+                raise MedClassError(f"[[dicomweb]] url {ep.url} is given twice (names {ep.name!r} and another)",
+                                    "keep one [[dicomweb]] table per endpoint")
+            self.endpoints[ep.name] = ep
+        if self.return_to:
+            self.return_to = self._resolve(self.return_to, "return_to")
+        self.forward = [{**r, "to": self._resolve(r["to"], "[[forward]] to")}
+                        if isinstance(r, dict) and isinstance(r.get("to"), str) else r for r in self.forward]
+
+    def _resolve(self, text: str, what: str) -> str:
+        """``AET@HOST:PORT``, a checked URL, or the URL of the [[dicomweb]] table named ``text``."""
+        if is_url(text):
+            return check_url(text, what)
+        if text.strip() in self.endpoints:
+            return self.endpoints[text.strip()].url
+        if "@" not in text and ":" not in text:  # neither an AE address nor a URL: meant as a [[dicomweb]] name
+            known = f"the [[dicomweb]] names are {sorted(self.endpoints)}" if self.endpoints else \
+                "there is no [[dicomweb]] table"
+            raise MedClassError(f"{what} {text!r} is not AET@HOST:PORT, an http(s):// URL, nor the name of a "
+                                f"[[dicomweb]] table ({known})",
+                                "fix the name, or add a [[dicomweb]] table with that name and its url")
+        Destination.parse(text, what)
+        return text
+
+    def dicomweb_endpoint(self, url: str) -> DicomWebEndpoint:
+        """The ``[[dicomweb]]`` table of a DICOMweb destination, or one without authentication."""
+        url = check_url(url)
+        for ep in self.endpoints.values():
+            if ep.url == url:
+                return ep
+        return DicomWebEndpoint(name=url, url=url)
+
     @property
-    def return_destination(self) -> Destination | None:
-        return Destination.parse(self.return_to, "return_to") if self.return_to else None
+    def return_destination(self) -> Destination | DicomWebTarget | None:
+        return parse_destination(self.return_to, "return_to") if self.return_to else None
 
     @property
     def data_path(self) -> Path:
@@ -208,9 +270,11 @@ def _check_ports(cfg: NodeConfig) -> None:
         if not text:
             continue
         try:
-            dest = Destination.parse(text, what)
+            dest = parse_destination(text, what)
         except MedClassError:
             continue  # reported by the check of that setting
+        if isinstance(dest, DicomWebTarget):
+            continue  # HTTP: not the node's DICOM port
         if dest.port == int(cfg.port) and dest.host.strip().lower() in own:  # any called AE title is accepted
             raise MedClassError(f"{what} {text} is this node itself: what it sends would come back to it",
                                 "give the PACS's or workstation's AE title, host and port")
@@ -286,6 +350,9 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
         for r in values.get("routes", []):
             if r.get("checkpoint"):
                 r["checkpoint"] = str(base / r["checkpoint"])
+        for d in values.get("dicomweb", []):
+            if isinstance(d.get("ca"), str):
+                d["ca"] = str(base / d["ca"])
         if values.get("tls"):
             values["tls"] = {k: str(base / v) if k in _TLS_PATHS and isinstance(v, str) else v
                              for k, v in values["tls"].items()}

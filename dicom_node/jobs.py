@@ -484,11 +484,18 @@ class JobDatabase:
         return dict(row) if row else None
 
     def worklist(self, limit: int = 200, states: Sequence[str] = (), since: float | None = None,
-                 until: float | None = None, dead_only: bool = False) -> list[dict[str, Any]]:
+                 until: float | None = None, dead_only: bool = False, urgent_only: bool = False,
+                 uncertain_only: bool = False, label: str | None = None) -> list[dict[str, Any]]:
         """Studies for the desk: urgent-routed first, then newest first, with their modalities and outbox.
 
         Each row has the study's columns, ``row_id``, ``modalities`` (comma-separated),
         ``urgent`` (an urgent item is queued or sent for it) and ``outbox`` (its items).
+
+        The result filters read the stored result (a JSON list, one entry per model), in SQL so
+        that ``limit`` applies to the matching studies: ``urgent_only`` (an urgent item is
+        queued or sent), ``uncertain_only`` (a model's conformal prediction set holds more, or
+        fewer, than one class: the router's ``uncertain``), ``label`` (a model predicted that
+        class, alone or among a multi-label result's classes).
         """
         where, args = ["1=1"], []
         if states:
@@ -503,6 +510,17 @@ class JobDatabase:
         if dead_only:
             where.append("EXISTS (SELECT 1 FROM outbox d WHERE d.study_uid=s.study_uid AND d.state=?)")
             args.append(OutboxState.DEAD.value)
+        if urgent_only:
+            where.append("EXISTS (SELECT 1 FROM outbox v WHERE v.study_uid=s.study_uid AND v.urgency=?)")
+            args.append(Priority.URGENT.value)
+        if uncertain_only:
+            where.append("EXISTS (SELECT 1 FROM json_each(s.result) r WHERE json_type(r.value, '$.prediction_set') = "
+                         "'array' AND json_array_length(r.value, '$.prediction_set') != 1)")
+        if label is not None:
+            # json_each of a string label is that one value; of a multi-label list, each class.
+            where.append("EXISTS (SELECT 1 FROM json_each(s.result) r, json_each(r.value, '$.label') l "
+                         "WHERE l.value = ?)")
+            args.append(label)
         c = self.connect()
         rows = [dict(r) for r in c.execute(
             "SELECT s.rowid AS row_id, s.*, "
@@ -520,6 +538,13 @@ class JobDatabase:
                                chunk).fetchall():
                 by_uid[o["study_uid"]]["outbox"].append(dict(o))
         return rows
+
+    def result_classes(self) -> list[str]:
+        """Every class a stored result names (its probabilities' keys), sorted: the desk's class filter."""
+        rows = self.connect().execute(
+            "SELECT DISTINCT p.key FROM studies s, json_each(s.result) r, json_each(r.value, '$.probabilities') p "
+            "WHERE s.result IS NOT NULL ORDER BY 1").fetchall()
+        return [r[0] for r in rows]
 
     def series_of(self, study_uid: str) -> list[dict[str, Any]]:
         """The study's series: UID, modality, number of instances and of instances skipped."""

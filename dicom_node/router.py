@@ -1,6 +1,7 @@
 """Triage routing: forward a study to other AEs by its classification result.
 
-A ``[[forward]]`` rule has ``to = "AET@HOST:PORT"``, optionally ``priority = "high"``
+A ``[[forward]]`` rule has ``to = "AET@HOST:PORT"`` (or a DICOMweb root URL, or the name of a
+``[[dicomweb]]`` table, :mod:`dicom_node.destination`), optionally ``priority = "high"``
 (the C-STOREs go with HIGH priority), and ``when``, one of:
 
 ``"<class> <op> <number>"``
@@ -30,7 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from dicom_node.destination import Destination
+from dicom_node.destination import parse_destination
 from medclass.errors import MedClassError
 
 log = logging.getLogger("dicom_node.router")
@@ -89,7 +90,7 @@ class ForwardRule:
                                 _EXAMPLES)
         if self.priority not in PRIORITIES:
             raise MedClassError(f"[[forward]] priority {self.priority!r} is unknown", f"use one of {list(PRIORITIES)}")
-        self.destination = Destination.parse(self.to, "[[forward]] to")
+        self.destination = parse_destination(self.to, "[[forward]] to")
 
     @property
     def class_name(self) -> str | None:

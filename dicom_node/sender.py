@@ -1,4 +1,4 @@
-"""Delivery: C-STORE the reports back to the PACS and forward studies, with retries.
+"""Delivery: C-STORE (or STOW-RS) the reports back to the PACS and forward studies, with retries.
 
 The queue is the ``outbox`` table of the job database (:mod:`dicom_node.jobs`), so it
 survives restarts; urgent items (``[[forward]] priority = "high"``) go first. Delivery is
@@ -18,6 +18,11 @@ Transient and permanent failures:
   same peer get the same answer; retrying only fills its log. Also dead at once: the
   outbox file is gone, or the peer accepts neither the object's SOP class nor an
   uncompressed syntax for it.
+- DICOMweb destinations (STOW-RS, :func:`dicom_node.destination.stow`) follow the same
+  rules: no answer, a connection error, HTTP 5xx, 408 and 429 are transient; any other
+  4xx (401 a wrong password, 403, 404 a wrong URL...) is permanent, with its remedy; so
+  is an instance in the answer's Failed SOP Sequence or missing from its Referenced SOP
+  Sequence. A STOW-RS of an instance the server holds already stores it once, as C-STORE.
 - A transient failure gives up too, after ``give_up_after_hours`` (default 24) of
   failing, or after ``max_send_attempts`` attempts when that is set.
 
@@ -40,7 +45,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from dicom_node.config import NodeConfig
-from dicom_node.destination import Destination
+from dicom_node.destination import Destination, DicomWebTarget, SendError, parse_destination, stow
 from dicom_node.jobs import JobDatabase, OutboxState, Priority
 from dicom_node.metrics import NodeMetrics
 from dicom_node.scp import set_tcp_nodelay
@@ -48,22 +53,6 @@ from dicom_node.spool import Spool
 from dicom_node.tls import sends_tls
 
 log = logging.getLogger("dicom_node.sender")
-
-
-class SendError(Exception):
-    """A delivery attempt failed; the message says why.
-
-    Parameters
-    ----------
-    message : str
-    transient : bool
-        Whether trying again later may succeed (see the module docstring); a permanent
-        failure puts the item in the dead letter at once.
-    """
-
-    def __init__(self, message: str, transient: bool = True) -> None:
-        super().__init__(message)
-        self.transient = transient
 
 
 #: What to do about a dead item, in ``node status`` and the log.
@@ -92,6 +81,10 @@ class OutboxSender:
         self.spool = spool
         self.metrics = metrics
         self.ssl_context = ssl_context
+        for ep in getattr(config, "endpoints", {}).values():
+            if ep.auth != "none" and ep.url.startswith("http://"):
+                log.warning("[[dicomweb]] %s sends its %s credentials over plain HTTP (%s): anyone on the path can "
+                            "read them; use an https:// url", ep.name, ep.auth, ep.url)
 
     def due(self, now: float | None = None) -> list[dict[str, Any]]:
         """The pending items due now, urgent first."""
@@ -152,12 +145,16 @@ class OutboxSender:
                   DEAD_REMEDY.format(study=item["study_uid"]))
 
     def deliver(self, item: dict[str, Any]) -> None:
-        """C-STORE one outbox item; raises :class:`SendError` on any failure."""
+        """C-STORE (or STOW-RS) one outbox item; raises :class:`SendError` on any failure."""
         if item["kind"] == "sr":
             paths = [item["path"]]
         else:
             paths = [i["path"] for i in self.spool.instances(item["study_uid"])]
-        self.store(Destination.parse(item["destination"]), paths, priority=Priority(item["urgency"]).dimse)
+        dest = parse_destination(item["destination"])
+        if isinstance(dest, DicomWebTarget):
+            stow(self.config.dicomweb_endpoint(dest.url), paths)
+        else:
+            self.store(dest, paths, priority=Priority(item["urgency"]).dimse)
 
     def store(self, dest: Destination, paths: list[str], priority: int = 0) -> None:
         """Send files in one association; every one must get a success or warning status.

@@ -18,6 +18,7 @@ without it Debian's dcmtk waits on Nagle's algorithm and moves about 11 instance
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 HOST = "127.0.0.1"
+#: Debian's orthanc-dicomweb package installs the plugin here.
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 T = TypeVar("T")
 P = TypeVar("P", bound="PeerProcess")
@@ -253,6 +256,13 @@ class Orthanc(PeerProcess):
         DICOM TLS: ``{"cert": PEM, "key": PEM, "trusted": PEM of the peers' certificates}``, and
         optionally ``"require_client_cert"`` (default ``True``). Orthanc then speaks TLS only,
         both when it receives and when it sends.
+    dicomweb : bool
+        Load Debian's DICOMweb plugin (``orthanc-dicomweb``): STOW-RS, QIDO-RS and WADO-RS under
+        :attr:`dicomweb_url`.
+    users : dict, optional
+        ``{"name": "password"}``: Orthanc's ``RegisteredUsers`` with ``AuthenticationEnabled``, so
+        every HTTP request (REST and DICOMweb) needs basic authentication; the REST helpers
+        here log in as the first user.
     **settings
         Any other Orthanc setting, added to (or replacing) the generated configuration.
     """
@@ -261,12 +271,14 @@ class Orthanc(PeerProcess):
 
     def __init__(self, root: str | Path, modalities: dict[str, list] | None = None, aet: str = "ORTHANC",
                  dicom_port: int | None = None, http_port: int | None = None, tls: dict[str, Any] | None = None,
-                 **settings: Any) -> None:
+                 dicomweb: bool = False, users: dict[str, str] | None = None, **settings: Any) -> None:
         super().__init__(root, dicom_port)
         self.aet = aet
         self.http_port = http_port or free_port()
         self.modalities = dict(modalities or {})
         self.tls = tls
+        self.dicomweb = dicomweb
+        self.users = dict(users or {})
         self.settings = settings
         self.config_path = self.root / "orthanc.json"
         self.version: str | None = None
@@ -289,8 +301,22 @@ class Orthanc(PeerProcess):
                         "DicomTlsPrivateKey": str(self.tls["key"]),
                         "DicomTlsTrustedCertificates": str(self.tls["trusted"]),
                         "DicomTlsRemoteCertificateRequired": bool(self.tls.get("require_client_cert", True))})
+        if self.dicomweb:
+            plugin = Path(DICOMWEB_PLUGIN)
+            if not plugin.is_file():
+                raise PeerError(f"Orthanc's DICOMweb plugin is not installed ({plugin}; Debian: apt-get install "
+                                "orthanc-dicomweb)")
+            cfg["Plugins"] = [str(plugin)]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        if self.users:
+            cfg.update({"AuthenticationEnabled": True, "RegisteredUsers": self.users})
         cfg.update(self.settings)
         return cfg
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (STOW-RS posts to ``{dicomweb_url}/studies``)."""
+        return self.url("/dicom-web")
 
     def command(self) -> list[str]:
         exe = orthanc_executable()
@@ -316,17 +342,23 @@ class Orthanc(PeerProcess):
     def url(self, path: str) -> str:
         return f"http://{HOST}:{self.http_port}{path}"
 
+    def _request(self, path: str, data: bytes | None = None, method: str | None = None) -> urllib.request.Request:
+        req = urllib.request.Request(self.url(path), data=data, method=method)
+        if self.users:  # log in as the first registered user
+            name, password = next(iter(self.users.items()))
+            req.add_header("Authorization", "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode())
+        return req
+
     def get(self, path: str, raw: bool = False) -> Any:
         """GET a REST resource: parsed JSON, or bytes with ``raw``."""
-        with urllib.request.urlopen(self.url(path), timeout=30) as r:
+        with urllib.request.urlopen(self._request(path), timeout=30) as r:
             data = r.read()
         return data if raw else json.loads(data)
 
     def post(self, path: str, body: Any, timeout: float = 120) -> Any:
         """POST JSON (or bytes, or text, sent as they are); returns the parsed answer."""
         data = body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else json.dumps(body).encode()
-        req = urllib.request.Request(self.url(path), data=data, method="POST")
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(self._request(path, data, "POST"), timeout=timeout) as r:
             return json.loads(r.read() or b"null")
 
     def upload(self, path: str | Path) -> dict:

@@ -5,6 +5,12 @@ browser histories, proxy logs and referrers, and the Study Instance UID may iden
 patient's visit. The server writes no access log for the same reason
 (:class:`dicom_node.desk.server.DeskServer`).
 
+The client address (for the login rate limit and the audit log) is the TCP peer's, or,
+when that peer is ``127.0.0.1`` (a reverse proxy on the same host), the last address of
+its ``X-Forwarded-For``: a header from any other peer is ignored, since anyone can send
+one. Identity headers (``X-Remote-User`` and the like) are ignored too: single sign-on at
+a proxy is an extra gate in front of the desk's own login, never a way around it.
+
 Every page and endpoint but ``/login`` and ``/static`` needs a session; a browser without
 one is sent to the login page, a script gets 401. Actions are POST forms carrying the
 session's CSRF token and are open to the ``admin`` role only (403 otherwise); each one is
@@ -16,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 import threading
@@ -46,6 +53,27 @@ MESSAGES = {
 
 #: The worklist's state filter: the study states, and ``dead`` (a report or forward in the dead letter).
 STATE_FILTERS = [s.value for s in StudyState] + ["dead"]
+#: The worklist's result filter, beside one entry per class (``label:<class>``).
+RESULT_FILTERS = ["urgent", "uncertain"]
+#: The one peer whose X-Forwarded-For is believed: a reverse proxy on the same host.
+TRUSTED_PROXY = "127.0.0.1"
+
+
+def client_address(request: Request) -> str:
+    """The client's address: the TCP peer, or what a proxy on 127.0.0.1 says it forwarded.
+
+    The proxy appends the address it saw to ``X-Forwarded-For``; the last entry is that one
+    (entries before it come from the client and prove nothing). Anything that is not an IP
+    address is ignored, so the header cannot write text into the audit log.
+    """
+    peer = request.client.host if request.client else "?"
+    if peer != TRUSTED_PROXY:
+        return peer
+    forwarded = request.headers.get("x-forwarded-for", "").split(",")[-1].strip()
+    try:
+        return str(ipaddress.ip_address(forwarded))
+    except ValueError:
+        return peer
 
 _SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; "
@@ -93,12 +121,29 @@ def _day(text: str | None) -> float | None:
         return None
 
 
+def is_uncertain(r: dict[str, Any]) -> bool:
+    """Whether a result's conformal prediction set holds more, or fewer, than one class.
+
+    The same rule as ``[[forward]] when = "uncertain"`` (:mod:`dicom_node.router`); a result
+    without a set (coverage = 0, or a model without calibration) is never uncertain.
+    """
+    pset = r.get("prediction_set")
+    return isinstance(pset, list) and len(pset) != 1
+
+
 def _result_text(r: dict[str, Any]) -> str:
-    if r.get("uncertain"):
-        return f"{r.get('model', '?')}: uncertain"
+    """One model's result: its class(es) with the (calibrated) probability, or "uncertain" and its set."""
     probs = r.get("probabilities") or {}
-    p = probs.get(r.get("label"), max(probs.values()) if probs else None)
-    text = f"{r.get('model', '?')}: {r.get('label', '?')}" + (f" ({p:.2f})" if p is not None else "")
+    model = r.get("model", "?")
+    if is_uncertain(r):
+        pset = r["prediction_set"]
+        text = f"{model}: uncertain ({' or '.join(pset) if pset else 'no class'})"
+    else:
+        label = r.get("label")
+        labels = label if isinstance(label, list) else [label] if label is not None else []
+        parts = [f"{x} ({probs[x]:.2f})" if isinstance(probs.get(x), (int, float)) else str(x) for x in labels]
+        # A multi-label result may name no class: none reached its threshold.
+        text = f"{model}: {' + '.join(parts) if parts else ('none' if isinstance(label, list) else '?')}"
     return text + ("" if r.get("complete", True) else " PARTIAL")
 
 
@@ -139,11 +184,19 @@ def worklist_row(s: dict[str, Any]) -> dict[str, Any]:
         "state": s["state"],
         "state_text": state_text,
         "result": "; ".join(_result_text(r) for r in results),
+        "uncertain": any(is_uncertain(r) for r in results),
         "urgent": bool(s["urgent"]),
-        "routed": ", ".join(f"{o['destination'].split('@')[0]} {_sends_text([o])}" for o in forwards) or "-",
+        "routed": ", ".join(f"{_where(o['destination'])} {_sends_text([o])}" for o in forwards) or "-",
         "report": _sends_text(srs),
         "dead": any(o["state"] == OutboxState.DEAD.value for o in s["outbox"]),
     }
+
+
+def _where(destination: str) -> str:
+    """A destination in few words: an AE title, or a DICOMweb URL's host and path."""
+    if "://" in destination:
+        return destination.split("://", 1)[1]
+    return destination.split("@")[0]
 
 
 class HeatMaps:
@@ -238,7 +291,7 @@ def create_app(db: JobDatabase, auth: Authenticator, https: bool = False,
         cookie_token = request.cookies.get(LOGIN_COOKIE, "")
         if not cookie_token or not hmac.compare_digest(cookie_token, str(form.get("login_token", ""))):
             return login_form(request, "The login form expired; please log in again.", 400)
-        client = request.client.host if request.client else "?"
+        client = client_address(request)
         now = time.time()
         wait = auth.limiter.wait_seconds(name, client, now)
         if wait > 0:
@@ -269,14 +322,20 @@ def create_app(db: JobDatabase, auth: Authenticator, https: bool = False,
     def filters(request: Request) -> dict[str, Any]:
         q = request.query_params
         state = q.get("state", "")
+        result = q.get("result", "")
+        if not (result in RESULT_FILTERS or (result.startswith("label:") and len(result) > 6)):
+            result = ""
         return {"state": state if state in STATE_FILTERS else "", "since": q.get("since", ""),
-                "until": q.get("until", "")}
+                "until": q.get("until", ""), "result": result}
 
     def rows(f: dict[str, Any]) -> list[dict[str, Any]]:
         until = _day(f["until"])
+        result = f["result"]
         found = db.worklist(states=[f["state"]] if f["state"] and f["state"] != "dead" else [],
                             since=_day(f["since"]), until=until + 86400 if until is not None else None,
-                            dead_only=f["state"] == "dead")
+                            dead_only=f["state"] == "dead", urgent_only=result == "urgent",
+                            uncertain_only=result == "uncertain",
+                            label=result[len("label:"):] if result.startswith("label:") else None)
         return [worklist_row(s) for s in found]
 
     async def worklist(request: Request) -> Response:
@@ -285,7 +344,7 @@ def create_app(db: JobDatabase, auth: Authenticator, https: bool = False,
             return to_login()
         f = filters(request)
         return page(request, "worklist.html", s, rows=rows(f), filters=f, states=STATE_FILTERS, poll_ms=poll_ms,
-                    audit=db.audit_log(limit=20))
+                    classes=db.result_classes(), audit=db.audit_log(limit=20))
 
     async def studies_json(request: Request) -> Response:
         if session_of(request) is None:
@@ -389,7 +448,7 @@ def create_app(db: JobDatabase, auth: Authenticator, https: bool = False,
         else:
             return PlainTextResponse("no such action", 404)
         if done:
-            db.record_audit(s.user, what, uid, detail)
+            db.record_audit(s.user, what, uid, f"{detail} (from {client_address(request)})")
             on_change()
         return RedirectResponse(f"/studies/{st['row_id']}?done={what}{'' if done else '-refused'}", status_code=303)
 

@@ -74,7 +74,9 @@ class DeskServer:
         sock.listen(128)
         self.port = sock.getsockname()[1]
         tls = self.config.tls or {}
-        cfg = uvicorn.Config(self.app, access_log=False, log_config=None, log_level="warning",
+        # proxy_headers=False: uvicorn would believe X-Forwarded-For from whatever FORWARDED_ALLOW_IPS says;
+        # the desk reads it itself, from 127.0.0.1 only (dicom_node.desk.app.client_address).
+        cfg = uvicorn.Config(self.app, access_log=False, log_config=None, log_level="warning", proxy_headers=False,
                              ssl_certfile=tls.get("cert"), ssl_keyfile=tls.get("key"), lifespan="off",
                              server_header=False, timeout_graceful_shutdown=2)
         self._server = uvicorn.Server(cfg)

@@ -78,3 +78,40 @@ def test_a_metrics_port_taken_by_another_program(checkpoint, tmp_path, capsys):
     assert_one_line(capsys, f"cannot serve /metrics on {HOST}:{taken}", "--metrics-port")
     with socket.socket() as s:  # the DICOM port was let go again
         s.bind((HOST, port))
+
+
+_DICOMWEB = '[[dicomweb]]\nname = "pacs-web"\nurl = "https://pacs.example.org/dicom-web"\nusername = "medclass"\n' \
+    'password_env = "MEDCLASS_TEST_PACS_PASSWORD"\n'
+
+
+@pytest.mark.parametrize("toml, fragments", [
+    # a name that no [[dicomweb]] table has (a typo)
+    ('return_to = "pacs-wbe"\n' + _DICOMWEB,
+     ["return_to 'pacs-wbe' is not AET@HOST:PORT, an http(s):// URL, nor the name of a [[dicomweb]] table",
+      "['pacs-web']"]),
+    ('[[forward]]\nwhen = "uncertain"\nto = "review"\n',
+     ["[[forward]] to 'review'", "there is no [[dicomweb]] table"]),
+    # the password's environment variable is not set where the node runs
+    ('return_to = "pacs-web"\n' + _DICOMWEB,
+     ["password_env = 'MEDCLASS_TEST_PACS_PASSWORD'", "is unset or empty", "export MEDCLASS_TEST_PACS_PASSWORD="]),
+    # URLs that are not DICOMweb roots
+    ('return_to = "htp://pacs.example.org/dicom-web"\n', ["is not an http:// or https:// URL with a host"]),
+    ('return_to = "https://user:pw@pacs.example.org/dicom-web"\n', ["carries credentials in the URL", "password_env"]),
+    ('return_to = "https://pacs.example.org:99999/dicom-web"\n', ["is not a valid URL"]),
+    ('[[dicomweb]]\nname = "pacs-web"\nurl = "pacs.example.org/dicom-web"\n', ["[[dicomweb]] 'pacs-web' url"]),
+    # half or two authentications
+    ('[[dicomweb]]\nname = "w"\nurl = "https://p/dicom-web"\nusername = "u"\n', ["needs both username and password_env"]),
+    ('[[dicomweb]]\nname = "w"\nurl = "https://p/dicom-web"\nusername = "u"\npassword_env = "HOME"\n'
+     'token_env = "HOME"\n', ["both basic", "keep one"]),
+    ('[[dicomweb]]\nname = "w"\nurl = "https://p/dicom-web"\npassword = "secret"\n', ["unknown keys ['password']"]),
+])
+def test_dicomweb_mistakes(toml, fragments, tmp_path, capsys, monkeypatch):
+    if "is unset or empty" in fragments:
+        monkeypatch.delenv("MEDCLASS_TEST_PACS_PASSWORD", raising=False)
+    else:
+        monkeypatch.setenv("MEDCLASS_TEST_PACS_PASSWORD", "secret")
+    path = tmp_path / "node.toml"
+    path.write_text(f'checkpoint = "model.pt"\ndata_dir = "data"\n{toml}')
+    assert node_main(["--config", str(path)]) == 2
+    assert_one_line(capsys, *fragments)
+    assert not (tmp_path / "data").exists()  # refused before anything was created

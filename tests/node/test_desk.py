@@ -56,10 +56,11 @@ def desk(tmp_path):
     db.close()
 
 
-def _login(client: httpx.Client, name: str, password: str) -> httpx.Response:
-    form = client.get("/login")
+def _login(client: httpx.Client, name: str, password: str, headers: dict | None = None) -> httpx.Response:
+    form = client.get("/login", headers=headers)
     token = re.search(r'name="login_token" value="([^"]+)"', form.text)[1]
-    return client.post("/login", data={"username": name, "password": password, "login_token": token})
+    return client.post("/login", data={"username": name, "password": password, "login_token": token},
+                       headers=headers)
 
 
 # ---------------------------------------------------------------------------------------------- configuration
@@ -385,8 +386,11 @@ def test_the_worklist_puts_urgent_routed_studies_on_top_and_filters_by_state_and
             row = db.worklist(dead_only=True)[0]["row_id"]
             item = db.outbox("1.9.2")[0]["id"]
             csrf = re.search(r'name="csrf" value="([^"]+)"', c.get(f"/studies/{row}").text)[1]
-            r = c.post(f"/studies/{row}/outbox/{item}/discard", data={"csrf": csrf})
+            # through a reverse proxy on this host: the audit names the client it forwarded for
+            r = c.post(f"/studies/{row}/outbox/{item}/discard", data={"csrf": csrf},
+                       headers={"X-Forwarded-For": "10.0.0.66"})
             assert r.headers["location"] == f"/studies/{row}?done=discard"
+            assert db.audit_log()[0]["detail"].endswith("(from 10.0.0.66)")
             assert db.outbox_item(item)["state"] == "discarded" and db.due(now=1e12)[0]["study_uid"] == "1.9.1"
             r = c.post(f"/studies/{row}/outbox/{item}/discard", data={"csrf": csrf})  # no longer dead
             assert r.headers["location"].endswith("done=discard-refused")
@@ -395,6 +399,88 @@ def test_the_worklist_puts_urgent_routed_studies_on_top_and_filters_by_state_and
     finally:
         server.stop()
         db.close()
+
+
+
+def test_the_worklist_filters_by_result_and_shows_multi_label_and_uncertain_results(tmp_path):
+    db = JobDatabase(tmp_path / "node.db")
+    now = time.time() - 60
+    results = {  # what the worker stores (dicom_node.worker): label, calibrated probabilities, conformal set
+        "1.8.1": [{"model": "m", "label": "pneumonia", "probabilities": {"normal": 0.1, "pneumonia": 0.9},
+                   "prediction_set": ["pneumonia"]}],
+        "1.8.2": [{"model": "m", "label": "normal", "probabilities": {"normal": 0.55, "pneumonia": 0.45},
+                   "prediction_set": ["normal", "pneumonia"]}],  # the model cannot decide
+        "1.8.3": [{"model": "ml", "label": ["effusion", "nodule"],  # multi-label: two classes at once
+                   "probabilities": {"effusion": 0.81, "nodule": 0.66, "normal": 0.05}}],
+        "1.8.4": [{"model": "ml", "label": [], "probabilities": {"effusion": 0.1, "nodule": 0.2, "normal": 0.3}}],
+    }
+    for k, uid in enumerate(results):
+        db.record_instances([_instance(uid + ".1", uid)], now=now + k)
+    db.mark_stable(cutoff=now + 10, now=now + 10)
+    for uid, res in results.items():
+        res[0]["series"] = [uid + ".1"]  # the series the model read (_instance's)
+        assert db.claim_ready() == uid
+        db.finish_classified(uid, 1, res, "d" + uid, outbox=[dict(key=f"fw:{uid}", kind="forward",
+                                                                    destination="https://review.example.org/dicom-web",
+                                                                    path=None, priority="urgent")]
+                             if uid == "1.8.2" else [])
+    cfg = NodeConfig(checkpoint="m.pt", web_port=free_port(), users=_users(VIEWER))
+    server = DeskServer(cfg, db).start()
+    try:
+        with httpx.Client(base_url=server.url.rstrip("/")) as c:
+            _login(c, VIEWER["name"], VIEWER["password"])
+
+            def studies(**params) -> dict[str, dict]:
+                return {s["study_uid"]: s for s in c.get("/api/studies", params=params).json()["studies"]}
+
+            every = studies()
+            assert list(every) == ["1.8.2", "1.8.4", "1.8.3", "1.8.1"]  # urgent first, then newest first
+            assert every["1.8.1"]["result"] == "m: pneumonia (0.90)" and not every["1.8.1"]["uncertain"]
+            assert every["1.8.2"]["result"] == "m: uncertain (normal or pneumonia)" and every["1.8.2"]["uncertain"]
+            assert every["1.8.3"]["result"] == "ml: effusion (0.81) + nodule (0.66)"
+            assert every["1.8.4"]["result"] == "ml: none"
+            assert every["1.8.2"]["routed"] == "review.example.org/dicom-web queued"  # a DICOMweb destination
+
+            assert list(studies(result="urgent")) == ["1.8.2"]
+            assert list(studies(result="uncertain")) == ["1.8.2"]
+            assert list(studies(result="label:pneumonia")) == ["1.8.1"]
+            assert list(studies(result="label:nodule")) == ["1.8.3"]  # one class of a multi-label result
+            assert list(studies(result="label:normal")) == ["1.8.2"]
+            assert studies(result="label:absent") == {}
+            assert len(studies(result="bogus")) == 4  # an unknown filter is no filter
+            assert list(studies(result="uncertain", state="classified")) == ["1.8.2"]  # beside the state filter
+
+            page = c.get("/", params={"result": "label:nodule"}).text  # the server-rendered page filters too
+            assert re.findall(r'<option value="label:([^"]+)"', page) == ["effusion", "nodule", "normal", "pneumonia"]
+            assert '<option value="label:nodule" selected>' in page
+            assert "effusion (0.81) + nodule (0.66)" in page and "pneumonia (0.90)" not in page
+            row = db.worklist(uncertain_only=True)[0]["row_id"]
+            assert "uncertain: conformal set {normal, pneumonia}" in c.get(f"/studies/{row}").text
+            row = db.worklist(label="effusion")[0]["row_id"]
+            page = c.get(f"/studies/{row}").text  # the study page of a multi-label result
+            assert '<dd id="result" class="">ml: effusion (0.81) + nodule (0.66)</dd>' in page
+            assert page.count('class="prob chosen"') == 2  # both classes marked
+    finally:
+        server.stop()
+        db.close()
+
+
+def test_x_forwarded_for_is_believed_from_a_proxy_on_127_0_0_1_only(desk):
+    server, _ = desk
+    base = server.url.rstrip("/")
+    with httpx.Client(base_url=base) as proxy:  # the TCP peer is 127.0.0.1: a reverse proxy on this host
+        for _ in range(5):
+            assert _login(proxy, ADMIN["name"], "wrong", {"X-Forwarded-For": "10.0.0.7"}).status_code == 401
+        assert _login(proxy, ADMIN["name"], ADMIN["password"], {"X-Forwarded-For": "10.0.0.7"}).status_code == 429
+        # another client behind the same proxy is not locked out; a spoofed first entry does not count
+        assert _login(proxy, ADMIN["name"], ADMIN["password"],
+                      {"X-Forwarded-For": "10.0.0.7, 10.0.0.8"}).status_code == 303
+    other = httpx.HTTPTransport(local_address="127.0.0.2")  # any other peer: its header is ignored
+    with httpx.Client(base_url=base, transport=other) as direct:
+        for k in range(5):
+            r = _login(direct, ADMIN["name"], "wrong", {"X-Forwarded-For": f"10.0.1.{k}"})  # a new "client" each time
+            assert r.status_code == 401
+        assert _login(direct, ADMIN["name"], ADMIN["password"], {"X-Forwarded-For": "10.0.2.1"}).status_code == 429
 
 
 def test_medclass_node_web_port_serves_the_desk_in_the_node_process_and_stops_with_it(node_process, checkpoint,

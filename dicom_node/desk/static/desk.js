@@ -13,7 +13,8 @@
   function row(s) {
     var tr = document.createElement("tr");
     tr.setAttribute("data-id", s.id);
-    tr.className = (s.urgent ? "urgent " : "") + "state-" + s.state + (s.dead ? " dead" : "");
+    tr.className = (s.urgent ? "urgent " : "") + "state-" + s.state + (s.dead ? " dead" : "") +
+      (s.uncertain ? " uncertain" : "");
     columns.forEach(function (c) {
       var td = document.createElement("td");
       td.textContent = s[c];
