@@ -236,7 +236,7 @@ def run_arm(method: str, seed: int, pool, test, labelled: np.ndarray, unlabelled
         if sched.last_epoch < sched.total_steps - 1:
             sched.step()
         if step % 10 == 0 or step == a.steps - 1:
-            history.append({"step": step, "loss_x": round(float(loss_x), 4), "loss_u": round(float(loss_u), 4),
+            history.append({"step": step, "loss_x": round(loss_x.item(), 4), "loss_u": round(loss_u.item(), 4),
                             "mask": round(mask, 3)})
     train_s = time.perf_counter() - t0
     model.eval()
