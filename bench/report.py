@@ -7,6 +7,7 @@ records its date, hardware and versions.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -498,13 +499,70 @@ def ssl_section(probe: list[dict], pretrain: list[dict], features: list[dict]) -
             "within 30 min on 2 CPU cores was not attempted: pretraining alone ran at a few images per second on "
             "this loaded machine, so neither a longer pretraining nor a 30-minute fine-tune fitted in the session. "
             "The frozen ImageNet features reach 0.9959 with all labels at 64 px (HOG + SVM: 0.9976 at 128 px).",
-            "- Semi-supervised training (`train --unlabelled`, FixMatch-style) was not implemented or measured; "
-            "it is not in the CLI.",
+            "- Semi-supervised training (`train --unlabelled`, FixMatch-style): measured in the next section "
+            "against labels only; it is in the CLI only if it helped there.",
             "- The from-scratch column of the literature's comparison is the section above (a CNN retrained each "
             "round: random needs 387 labels, hybrid 333). The scratch row here is a frozen random encoder, a "
             "floor for the frozen-embedding path.", ""]
     out.append(f"Measured: {_machine(res['machine'])}.")
     return out + [""]
+
+
+def semisup_section(runs: list[dict]) -> list[str]:
+    """FixMatch against labels only, paired by seed (``bench/bench_semisup.py``)."""
+    if not runs:
+        return []
+    r = runs[0]
+    s, summ = r["settings"], r["summary"]
+    out = ["## Semi-supervised (FixMatch)", "",
+           f"`python bench/bench_semisup.py`: does training on the unlabelled images as well (`train --unlabelled`, "
+           f"issue 10) pay? Pool: Br35H's training split ({r['pool']:,} images), held-out: its test split "
+           f"({r['test']}), medclass's split with seed 0, as above. Each seed draws {s['labels']} labelled images "
+           f"from the pool at random; the other {r['pool'] - s['labels']:,} are the unlabelled set. Both arms: "
+           f"{s['model']} with ImageNet weights (`--init {s['init']}`) at {s['image_size']} px, {s['steps']} steps "
+           f"of {s['batch']} labelled images (the same batches in the same order), {s['schedule']}, lr {s['lr']}, "
+           f"class-weighted cross-entropy, the same seed and initial weights; the final model is scored. "
+           f"FixMatch adds {s['mu']} unlabelled images per labelled one each step: the weak view ({s['weak']}) "
+           f"gives a pseudo-label when its confidence is ≥ {s['threshold']}, and the strong view ({s['strong']}) "
+           f"is trained on it, weight λu = {s['lambda_u']}. Labelled, weak and strong views share one forward "
+           "pass, as in the reference implementation. Intervals: mean ± the 95 % t-interval over seeds.", "",
+           "| seed | labels-only AUC | FixMatch AUC | difference | FixMatch's final mask rate | train s "
+           "(labels-only / FixMatch) |", "| --- | --- | --- | --- | --- | --- |"]
+    for seed, e in sorted(r["per_seed"].items(), key=lambda kv: int(kv[0])):
+        b, f = e["labels-only"], e["fixmatch"]
+        out.append(f"| {seed} | {b['auc']:.4f} | {f['auc']:.4f} | {e['difference']:+.4f} | "
+                   f"{f['history'][-1]['mask']:.2f} | {b['train_seconds']:.0f} / {f['train_seconds']:.0f} |")
+
+    def ci(c: dict, sign: str = "") -> str:
+        return f"{c['mean']:{sign}.4f} (95 % CI {c['lo']:{sign}.4f} to {c['hi']:{sign}.4f})"
+
+    d = summ["difference"]
+    helps = d["lo"] > 0
+    out += ["", f"- Labels only: AUC {ci(summ['labels_only'])}.",
+            f"- FixMatch: AUC {ci(summ['fixmatch'])}.",
+            f"- Paired difference (FixMatch − labels only): {ci(d, '+')}; FixMatch better on "
+            f"{summ['fixmatch_better_seeds']} of {summ['seeds']} seeds.", ""]
+    per = list(r["per_seed"].values())
+    cost = sum(e["fixmatch"]["train_seconds"] for e in per) / sum(e["labels-only"]["train_seconds"] for e in per)
+    masks = [e["fixmatch"]["history"][-1]["mask"] for e in per]
+    if helps:
+        out += ["The interval lies above zero: FixMatch helps at this budget.", ""]
+    else:
+        # Seeds that would make the interval's half-width as small as the mean difference, at this spread
+        # (normal approximation): how far 5 seeds are from resolving an effect of this size.
+        need = math.ceil((1.96 * d["sd"] / abs(d["mean"])) ** 2) if d["mean"] else None
+        out += [f"**Measured and dropped.** The mean difference favours FixMatch ({d['mean']:+.4f}, "
+                f"{summ['fixmatch_better_seeds']} of {summ['seeds']} seeds) but its 95 % interval includes zero, "
+                "so FixMatch does not *measurably* help here, and `medclass train` has no `--unlabelled` option "
+                "(issue 10 item 3: keep it only if it measurably helps). It costs "
+                f"{s['batch'] * (1 + 2 * s['mu'])} images per step instead of {s['batch']} ({cost:.1f}× the "
+                f"training time here); {min(masks):.0%}–{max(masks):.0%} of the unlabelled images passed the "
+                f"{s['threshold']} threshold at the last step, so the objective was active. At the seeds' "
+                f"spread (sd {d['sd']:.4f}) an effect of this size would need about {need} seeds to resolve; "
+                "more seeds, a longer schedule or a weaker initialisation were not measured.", ""]
+    out += [f"Conditions: {r['conditions']}; {r['wall_seconds_this_call'] / 60:.0f} min for the last call of the "
+            "bench. Measured: " + _machine(r["machine"]) + ".", ""]
+    return out
 
 
 def main() -> None:
@@ -524,6 +582,7 @@ def main() -> None:
     lines += calibration_section(_load("calibration*.json"))
     lines += label_wait_section(_load("label-wait.json"))
     lines += ssl_section(_load("ssl-probe.json"), _load("ssl-pretrain.json"), _load("ssl-features.json"))
+    lines += semisup_section(_load("semisup.json"))
     if not any(r["machine"].get("gpu") for r in zoo + _load("speed.json")):
         lines += ["## GPU", "", "No GPU figures yet: the sessions that measured these had no GPU machine. "
                   "`bench/bench_speed.py` and `bench/bench_zoo.py` run unchanged on one (`--device auto`, bf16 "
