@@ -16,6 +16,8 @@ A ``node.toml`` (every key optional)::
     scp_processes = 0                          # processes accepting associations; 0: one per core, at most 4
     fast_path = true                           # the C-STORE fast path (needs the pinned pynetdicom); false: pynetdicom's own
     coverage = 0.95                            # of the conformal prediction sets ("uncertain"); 0: none
+    preprocess_on_arrival = true               # decode and preprocess instances as they arrive (dicom_node.prepare)
+    preprocess_workers = 0                     # processes doing it; 0: half the cores, at most 4
 
     [[allow]]                                  # no [[allow]]: any calling AE is accepted
     ae_title = "ORTHANC"
@@ -88,7 +90,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "give_up_after_hours": _NUMBER,
     "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
     "tls": dict, "classify_any_modality": bool, "fast_path": bool, "coverage": _NUMBER, "web_port": int,
-    "web_bind": str, "users": list, "dicomweb": list,
+    "web_bind": str, "users": list, "dicomweb": list, "preprocess_on_arrival": bool, "preprocess_workers": int,
 }
 _TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
                    dict: "a [table]", bool: "true or false"}[v] for k, v in _TYPES.items()}
@@ -125,12 +127,19 @@ class NodeConfig:
     web_port: int = 0  # the triage desk; 0: off
     web_bind: str = "127.0.0.1"  # loopback unless said otherwise: the desk shows patient data
     users: list[dict[str, str]] = field(default_factory=list)
+    #: Decode and preprocess instances as they arrive, in a pool of processes (dicom_node.prepare), so a
+    #: stable study is a forward pass away; the worker prepares whatever the pool did not reach.
+    preprocess_on_arrival: bool = True
+    preprocess_workers: int = 0  # 0: dicom_node.prepare.default_workers()
     #: DICOMweb endpoints with their authentication ([[dicomweb]], dicom_node.destination.DicomWebEndpoint).
     dicomweb: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ae_title.strip()) <= 16:
             raise MedClassError(f"AE title {self.ae_title!r} must have 1 to 16 characters", "pass --ae-title MEDCLASS")
+        if int(self.preprocess_workers) < 0:
+            raise MedClassError(f"preprocess_workers = {self.preprocess_workers} is negative",
+                                "set preprocess_workers = 0 (half the cores) or a number of processes")
         if not 0 < int(self.port) < 65536:
             raise MedClassError(f"port {self.port} is out of range", "pass --port 11112")
         if not 0 <= int(self.scp_processes) <= 64:

@@ -324,6 +324,37 @@ class JobDatabase:
                                       "ORDER BY series_uid, received", (study_uid,)).fetchall()
         return [dict(r) for r in rows]
 
+    def instances_since(self, row: int, limit: int = 256) -> list[dict[str, Any]]:
+        """Instances recorded after row number ``row``, oldest first: what arrived since a reader last looked.
+
+        Each has ``row`` (pass the last one back), ``sop_uid``, ``study_uid``, ``series_uid``
+        and ``path``. A replaced instance (the same SOP Instance UID sent again) gets a new row.
+        """
+        rows = self.connect().execute("SELECT rowid AS row, sop_uid, study_uid, series_uid, path FROM instances "
+                                      "WHERE rowid > ? AND skipped IS NULL ORDER BY rowid LIMIT ?",
+                                      (row, limit)).fetchall()
+        return [dict(r) for r in rows]
+
+    def unfinished_studies(self) -> list[str]:
+        """Study UIDs not yet classified (receiving, ready, or claimed by a worker)."""
+        rows = self.connect().execute("SELECT study_uid FROM studies WHERE state IN (?, ?, ?)",
+                                      (StudyState.RECEIVING.value, StudyState.READY.value,
+                                       StudyState.CLASSIFYING.value)).fetchall()
+        return [r[0] for r in rows]
+
+    def unfinished_instances_row(self) -> int:
+        """The row just before the first instance of a study not yet classified (receiving or ready).
+
+        Where a reader of :meth:`instances_since` resumes after a restart: what arrived before
+        and is still waiting is looked at again; everything else already ended.
+        """
+        c = self.connect()
+        first = c.execute("SELECT MIN(i.rowid) FROM instances i JOIN studies s USING (study_uid) "
+                          "WHERE s.state IN (?, ?)", (StudyState.RECEIVING.value, StudyState.READY.value)).fetchone()[0]
+        if first is not None:
+            return int(first) - 1
+        return int(c.execute("SELECT COALESCE(MAX(rowid), 0) FROM instances").fetchone()[0])
+
     def mark_instance_skipped(self, sop_uid: str, reason: str) -> None:
         """An instance the worker could not use (its file went to quarantine)."""
         with self.connect() as c:

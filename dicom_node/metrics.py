@@ -21,6 +21,9 @@ class NodeMetrics:
         self.inference_seconds = Histogram("medclass_node_inference_seconds", "Time to classify one study",
                                            registry=r)
         self.images_classified = Counter("medclass_node_images_classified", "Images through a model", registry=r)
+        self.images_prepared = Counter("medclass_node_images_prepared",
+                                       "Images a model read: 'arrival' from the cache filled as they arrived, "
+                                       "'inline' decoded when the study was classified", ["where"], registry=r)
         self.sent = Counter("medclass_node_sent", "Objects delivered", ["kind"], registry=r)
         self.send_failures = Counter("medclass_node_send_failures", "Failed send attempts (retried)", ["kind"],
                                      registry=r)

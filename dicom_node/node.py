@@ -12,9 +12,11 @@ from dicom_node.config import NodeConfig
 from dicom_node.ingest import IngestHelpers
 from dicom_node.jobs import JobDatabase
 from dicom_node.metrics import NodeMetrics
+from dicom_node.prepare import ArrivalPreparer
 from dicom_node.scp import StorageSCP
+from dicom_node.selector import SeriesSelector
 from dicom_node.sender import OutboxSender
-from dicom_node.spool import Spool
+from dicom_node.spool import Spool, safe_name
 from dicom_node.tls import client_context
 from dicom_node.worker import InferenceWorker
 from medclass.checkpoint import read_card
@@ -52,6 +54,11 @@ class DicomNode:
         self.helpers: IngestHelpers | None = None
         self.assembler = StudyAssembler(self.db, config.stable_seconds)
         self.worker = InferenceWorker(config, self.db, self.spool, self.metrics)
+        self.preparer: ArrivalPreparer | None = None
+        if config.preprocess_on_arrival:
+            self.preparer = ArrivalPreparer(self.db, SeriesSelector(config.routes, config.checkpoint,
+                                                                    config.classify_any_modality),
+                                            self.worker.cache, config.preprocess_workers)
         # The node's own sends go over TLS as [tls] says (fails here, at start, when a file is unreadable).
         self.sender = OutboxSender(config, self.db, self.spool, self.metrics, ssl_context=client_context(config.tls))
         self._stop = threading.Event()
@@ -108,8 +115,16 @@ class DicomNode:
                 self.stop()
                 raise
             log.info("triage desk on %s", self.desk.url)
-        for name, fn, wake in (("assembler", self._assemble, self._stop), ("worker", self._work, self._wake_worker),
-                               ("sender", self._send, self._wake_sender)):
+        loops = [("assembler", self._assemble, self._stop), ("worker", self._work, self._wake_worker),
+                 ("sender", self._send, self._wake_sender)]
+        if self.preparer is not None:
+            gone = self.worker.cache.discard_except({safe_name(s) for s in self.db.unfinished_studies()})
+            if gone:
+                log.info("removed the prepared images of %d finished studies", gone)
+            self.preparer.start(sorted({self.config.checkpoint, *(r.get("checkpoint") for r in self.config.routes)}
+                                       - {None}))
+            loops.append(("preparer", self._prepare, self._stop))
+        for name, fn, wake in loops:
             t = threading.Thread(target=self._loop, args=(name, fn, wake), name=f"medclass-node-{name}", daemon=True)
             t.start()
             self._threads.append(t)
@@ -131,6 +146,10 @@ class DicomNode:
         while not self._stop.is_set() and self.worker.run_once():
             self._wake_sender.set()  # a report or forward may be queued: send it now, not at the next poll
         return self.poll
+
+    def _prepare(self) -> float:
+        # At once again while arrivals keep the pool busy; otherwise at the next poll.
+        return 0.01 if self.preparer.poll() else min(self.poll, 0.1)
 
     def _send(self) -> float:
         self._wake_sender.clear()
@@ -159,6 +178,8 @@ class DicomNode:
         self.spool.close()
         for t in self._threads:
             t.join(timeout=30)
+        if self.preparer is not None:
+            self.preparer.close()
         self.metrics.stop()
 
     def wait(self, stop_requested: Callable[[], bool] = lambda: False) -> None:

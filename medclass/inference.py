@@ -167,30 +167,77 @@ class Classifier:
         """Read and classify files (any format :func:`medclass.io.read_image` reads)."""
         return self.predict([self.read(p) for p in paths])
 
-    def classify_study(self, paths: Iterable[str | Path], batch_size: int = 64) -> StudyResult:
+    @property
+    def preprocess_fingerprint(self) -> str:
+        """A short digest of everything :meth:`prepare` depends on.
+
+        Two checkpoints with the same fingerprint turn a file into the same tensor, so a cache
+        of prepared images (the DICOM node's, filled as instances arrive) is keyed by it and
+        never hands one model another model's preprocessing.
+        """
+        import hashlib
+        import json
+
+        from medclass import __version__
+
+        what = {"spec": self.loaded.preprocess_spec, "voi": not self.loaded.preprocess_spec.get("window"),
+                "medclass": __version__}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def prepare(self, path: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Read one file and preprocess it for this model: the tensor and the image's metadata.
+
+        Everything :meth:`classify_study` does to a file before the forward pass; raises
+        when the file cannot be read or preprocessed.
+        """
+        image = self.read(path)
+        return self.preprocess(image), image.meta
+
+    def classify_study(self, paths: Iterable[str | Path], batch_size: int = 64,
+                       priority: str = "routine") -> StudyResult:
         """Classify the images of one study (or series) together: one study-level result.
 
-        Each file is read and preprocessed as :meth:`read` and :meth:`preprocess` do; a
-        file that cannot be is skipped with its reason (the others still count), the
-        rest go through the model in batches, and :meth:`aggregate` combines them.
-        The DICOM node calls this for every series a model classifies.
+        Each file is read and preprocessed as :meth:`prepare` does; a file that cannot be is
+        skipped with its reason (the others still count), the rest go through the model in
+        batches, and :meth:`aggregate` combines them. The DICOM node calls
+        :meth:`classify_prepared` for every series a model classifies, with the images it
+        prepared as they arrived.
+        """
+        return self.classify_prepared([self.try_prepare(p) for p in paths], batch_size, priority)
+
+    def try_prepare(self, path: str | Path) -> tuple[torch.Tensor, dict[str, Any]] | str:
+        """:meth:`prepare`, or the one-line reason the file cannot be prepared (skip the image, not the study)."""
+        try:
+            return self.prepare(path)
+        except MedClassError as e:
+            return str(e)
+        except Exception as e:  # a decoder or transform failing on odd data
+            return f"cannot read or preprocess {path} ({type(e).__name__}: {e})"
+
+    def classify_prepared(self, prepared: list[tuple[torch.Tensor, dict[str, Any]] | str], batch_size: int = 64,
+                          priority: str = "routine") -> StudyResult:
+        """Classify already prepared images of one study: the forward pass and the aggregation only.
+
+        Parameters
+        ----------
+        prepared : list
+            Per image, in order, what :meth:`prepare` returned, or a string: why that image
+            could not be prepared (it is reported in ``skipped`` under its index).
+        batch_size : int
+        priority : str
+            ``urgent`` or ``routine``, for a remote inference server's queue.
         """
         tensors, metas, used, skipped = [], [], [], {}
-        for i, p in enumerate(paths):
-            try:
-                image = self.read(p)
-                tensors.append(self.preprocess(image))
-            except MedClassError as e:
-                skipped[i] = str(e)
+        for i, item in enumerate(prepared):
+            if isinstance(item, str):
+                skipped[i] = item
                 continue
-            except Exception as e:  # a decoder or transform failing on odd data: skip the image, not the study
-                skipped[i] = f"cannot read or preprocess {p} ({type(e).__name__}: {e})"
-                continue
-            metas.append(image.meta)
+            tensors.append(item[0])
+            metas.append(item[1])
             used.append(i)
         if not used:
             return StudyResult({}, [], [], skipped, np.zeros((0, len(self.classes))))
-        rows = self.forward(torch.stack(tensors), self.extra_inputs(metas), batch_size)
+        rows = self.forward(torch.stack(tensors), self.extra_inputs(metas), batch_size, priority)
         row = self.aggregate(rows)
         return StudyResult({c: round(float(p), 6) for c, p in zip(self.classes, row)}, self.task.label_names(row),
                            used, skipped, rows)

@@ -152,7 +152,10 @@ def node_factory(tmp_path, checkpoint, c_store_path):
                       retry_max_seconds=2.0,
                       # The test model is a chest X-ray model and the test files are CT, MR and MG: these tests
                       # are about the node's plumbing. The modality check has its own tests (test_modality_scope.py).
-                      classify_any_modality=True, fast_path=c_store_path == "fast-path")
+                      classify_any_modality=True, fast_path=c_store_path == "fast-path",
+                      # Preparing on arrival starts a pool of processes (each loads torch); its own tests are
+                      # tests/node/test_prepare.py, the other tests run the worker's inline path.
+                      preprocess_on_arrival=False)
         values.update(kw)
         node = DicomNode(NodeConfig(**values), poll_seconds=0.1)
         made.append(node)
