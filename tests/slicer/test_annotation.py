@@ -52,6 +52,11 @@ def test_the_served_model_says_where_it_came_from(server, loop):
     assert served.refit is None  # no label saved yet: nothing to wait for
     text = served.init_text()
     assert "trained from scratch" in text and server["init"] in text
+    # MONAI Label's own client reads the same fields.
+    from monailabel.client import MONAILabelClient
+
+    stats = MONAILabelClient(server["url"]).info()["train_stats"][server["model"]]
+    assert stats["init"] is None and stats["conf_init"] == server["init"] and stats["version"] == served.version
 
 
 def test_each_label_is_refitted_before_the_next_sample(server, loop, capsys):
