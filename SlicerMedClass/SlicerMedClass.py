@@ -23,6 +23,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+from SlicerMedClassLib.annotation import AnnotationLoop, run_text
 from SlicerMedClassLib.client import DEFAULT_STRATEGIES, MonaiLabelClient
 from SlicerMedClassLib.dependencies import (
     MEDCLASS_REQUIREMENT,
@@ -30,6 +31,7 @@ from SlicerMedClassLib.dependencies import (
     install_plan,
     missing_packages,
 )
+from SlicerMedClassLib.local import LocalTrainer
 from SlicerMedClassLib.logic import ClassificationLogic
 from SlicerMedClassLib.results import training_progress
 from SlicerMedClassLib.volumes import require_volume
@@ -58,7 +60,10 @@ Classify the selected image or volume with a deep-learning model trained by medc
 local checkpoint (model.pt) or through a MONAI Label server. The module shows the class probabilities
 and a Grad-CAM or attention heat map over the slice views; with a MONAI Label server it also stores
 the image-level class you choose, fetches the next image to annotate by an active-learning strategy,
-and starts and follows training. On first use it offers to install its Python dependencies
+waits for the server to refit the model on each label (seconds) before the next sample, and starts a
+fast head refit or a full fine-tune on request. Without a server it refits a linear head on a local
+model (or on an encoder given as Init) from the images you label, and fine-tunes it; a new model replaces
+the working one only when it is no worse on held-out labels. On first use it offers to install its Python dependencies
 (torch through the PyTorch extension, then medclass).
 See the README of the SlicerMedClass repository for details.
 """
@@ -89,6 +94,7 @@ class SlicerMedClassWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pending = []  # (future, on_done, key)
         self._busy = set()
         self.multilabel = False
+        self.localTrainer = None  # SlicerMedClassLib.local.LocalTrainer, made on first use
 
     # ------------------------------------------------------------------ set-up
 
@@ -120,7 +126,13 @@ class SlicerMedClassWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.submitLabelButton.connect("clicked(bool)", self.onSubmitLabel)
         self.ui.nextSampleButton.connect("clicked(bool)", self.onNextSample)
         self.ui.trainButton.connect("clicked(bool)", self.onTrain)
+        self.ui.fullFineTuneButton.connect("clicked(bool)", self.onFullFineTune)
         self.ui.stopTrainButton.connect("clicked(bool)", self.onStopTrain)
+        self.ui.localRefitButton.connect("clicked(bool)", self.onLocalRefit)
+        self.ui.localFineTuneButton.connect("clicked(bool)", self.onLocalFineTune)
+        for edit in (self.ui.initPathLineEdit, self.ui.localFolderPathLineEdit):
+            edit.connect("currentPathChanged(QString)", self.onLocalSettingsChanged)
+        self.ui.localClassesLineEdit.connect("editingFinished()", self.onLocalSettingsChanged)
 
         # Collects finished background work on the GUI thread.
         self.pollTimer = qt.QTimer()
@@ -227,9 +239,16 @@ class SlicerMedClassWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasModel = bool(self.ui.modelComboBox.currentText)
         self.ui.classifyButton.enabled = (volume is not None and "Classify" not in self._busy
                                           and (hasModel if server else bool(self.ui.checkpointPathLineEdit.currentPath)))
-        self.ui.submitLabelButton.enabled = connected and bool(self._currentImageId()) and "Submit" not in self._busy
+        self.ui.submitLabelButton.enabled = ((connected and bool(self._currentImageId())) if server
+                                             else volume is not None) and "Submit" not in self._busy
         self.ui.nextSampleButton.enabled = connected and "Next sample" not in self._busy
-        self.ui.trainButton.enabled = connected and hasModel and not self.trainTimer.isActive()
+        self.ui.trainButton.enabled = connected and hasModel and not self.trainTimer.isActive() \
+            and "Refit" not in self._busy
+        self.ui.fullFineTuneButton.enabled = connected and hasModel and not self.trainTimer.isActive() \
+            and "Fine-tune" not in self._busy
+        local = bool(self.ui.localFolderPathLineEdit.currentPath)
+        self.ui.localRefitButton.enabled = local and "Local refit" not in self._busy
+        self.ui.localFineTuneButton.enabled = local and "Local fine-tune" not in self._busy
         self.ui.stopTrainButton.enabled = connected
         self.ui.classifyButton.text = "Classifying..." if "Classify" in self._busy else "Classify"
         imageId = self._currentImageId()
@@ -304,6 +323,7 @@ class SlicerMedClassWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.serverInfoLabel.text = f"Connected to {name}, but it serves no classification model."
             self.ui.sourceTabWidget.currentIndex = 1
             self.onModelChanged()
+            self._showServed(info)
 
         self._runInBackground("Connect", client.info, done, f"Connecting to {url}...")
 
@@ -313,6 +333,8 @@ class SlicerMedClassWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             info = (self.serverInfo.get("models") or {}).get(model, {})
             self._setClasses(self.serverModels[model],
                              multilabel=str(info.get("task", "")).lower() == "multilabel")
+            if self.client is not None and self.serverInfo:
+                self._showServed(self.serverInfo)
         self.updateButtons()
 
     # ------------------------------------------------------------------ classify
@@ -398,22 +420,48 @@ class SlicerMedClassWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._guard(self._submitLabel)
 
     def _submitLabel(self):
-        client = self._requireClient()
+        if not self._useServer():
+            self._submitLocalLabel()
+            return
+        self._requireClient()
         imageId = self._currentImageId()
         if not imageId:
             raise ValueError("this volume did not come from the server's datastore; fetch images with Next sample")
         if getattr(self, "multilabel", False):
             labels = self._checkedClasses()
-            call = lambda: client.save_label(imageId, labels=labels)  # noqa: E731
+            label = None
             shown = ", ".join(labels) or "no finding"
         else:
             label = self.ui.labelComboBox.currentText
             if not label:
                 raise ValueError("choose a class first (a class button or the Class box)")
-            call = lambda: client.save_label(imageId, label=label)  # noqa: E731
+            labels = None
             shown = label
-        self._runInBackground("Submit", call, lambda _: self._status(f"Saved '{shown}' for {imageId}"),
-                              f"Submitting '{shown}' for {imageId}...")
+        loop = self._loop()
+
+        def done(run):
+            # The app refitted the served model on this label (or says why not) before this returns.
+            self._status(f"Saved '{shown}' for {imageId}. {run_text(run)}", 10000)
+            self.ui.trainStatusLabel.text = run_text(run)
+            self.onRefreshServed()
+            if self.ui.autoNextCheckBox.checked:
+                self.onNextSample()
+
+        self._runInBackground("Submit", lambda: loop.submit(imageId, label, labels), done,
+                              f"Submitting '{shown}' for {imageId} and waiting for the server's refit...")
+
+    def _submitLocalLabel(self):
+        volume = self.ui.inputVolumeSelector.currentNode()
+        require_volume(volume)
+        names = self._checkedClasses() if self.multilabel else [self.ui.labelComboBox.currentText]
+        if not self.multilabel and not names[0]:
+            raise ValueError("choose a class first (a class button or the Class box)")
+        trainer = self._localTrainer()
+        path = self.logic.saveVolumeForTraining(volume, trainer.folder / "images")
+        key = volume.GetName()
+        trainer.add_label(key, path, names if self.multilabel else names[0])
+        self.ui.localStatusLabel.text = (f"Labelled '{key}' as {', '.join(names) or 'no finding'}; "
+                                         f"{len(trainer.labels)} labelled image(s). Refit head to train on them.")
 
     def onNextSample(self):
         self._showError("")
@@ -450,21 +498,101 @@ class SlicerMedClassWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._runInBackground("Next sample", fetch, done, f"Asking the server for the next sample ({strategy})...")
 
+    # ------------------------------------------------------------------ local training (no server)
+
+    def onLocalSettingsChanged(self, *args):
+        self.localTrainer = None  # made again, with the new folder / init / classes, on next use
+        self.updateButtons()
+
+    def _localTrainer(self):
+        if self.localTrainer is not None:
+            return self.localTrainer
+        folder = self.ui.localFolderPathLineEdit.currentPath
+        if not folder:
+            raise ValueError("choose a working folder for the local model (Local checkpoint tab)")
+        if not self.logic.installDependencies(askConfirmation=True):
+            raise ValueError("SlicerMedClass's Python dependencies are not installed; they are needed to train")
+        checkpoint = self.ui.checkpointPathLineEdit.currentPath or None
+        working = os.path.join(folder, "model.pt")
+        if os.path.isfile(working) or (checkpoint and os.path.abspath(checkpoint) == os.path.abspath(working)):
+            checkpoint = None  # the folder's own model is the working one
+        classes = [c.strip() for c in self.ui.localClassesLineEdit.text.split(",") if c.strip()] or None
+        self.localTrainer = LocalTrainer(folder, checkpoint=checkpoint, init=self.ui.initPathLineEdit.currentPath or None,
+                                         classes=classes, device=self.logic.classification.device)
+        self._setClasses(self.localTrainer.classes, multilabel=self.localTrainer.task.type == "multilabel")
+        return self.localTrainer
+
+    def onLocalRefit(self):
+        self._showError("")
+        self._guard(self._localRun, "Local refit", lambda trainer: trainer.refit(), "Refitting the head...")
+
+    def onLocalFineTune(self):
+        self._showError("")
+        epochs = int(self.ui.epochsSpinBox.value)
+        self._guard(self._localRun, "Local fine-tune", lambda trainer: trainer.fine_tune(epochs=epochs),
+                    f"Fine-tuning the local model ({epochs} epochs)...")
+
+    def _localRun(self, key, fn, message):
+        trainer = self._localTrainer()
+
+        def done(run):
+            self.ui.localStatusLabel.text = run_text(run)
+            if run.get("published") and trainer.checkpoint is not None:
+                # Classify with the new working model from now on.
+                self.ui.checkpointPathLineEdit.currentPath = str(trainer.checkpoint)
+            init = trainer.served_init()
+            if init:
+                self.ui.localStatusLabel.text += f" Encoder initialised from {init.get('name') or init.get('path')}."
+
+        self._runInBackground(key, lambda: fn(trainer), done, message)
+
     # ------------------------------------------------------------------ training
 
     def onTrain(self):
         self._showError("")
         self._guard(self._train)
 
+    def _loop(self):
+        return AnnotationLoop(self._requireClient(), self._requireModel(), self.ui.strategyComboBox.currentText)
+
     def _train(self):
-        client, model = self._requireClient(), self._requireModel()
+        loop = self._loop()
 
-        def started(task):
-            self.ui.trainStatusLabel.text = f"Training {model} submitted."
-            self.ui.trainProgressBar.setRange(0, 0)  # busy until the first status
-            self.trainTimer.start()
+        def done(run):
+            self.ui.trainStatusLabel.text = run_text(run)
+            self.onRefreshServed()
 
-        self._runInBackground("Train", lambda: client.train(model), started, f"Starting training of {model}...")
+        self._runInBackground("Refit", loop.refit_now, done, f"Refitting the head of {loop.model} on the server...")
+
+    def onFullFineTune(self):
+        self._showError("")
+        self._guard(self._fullFineTune)
+
+    def _fullFineTune(self):
+        loop = self._loop()
+        epochs = int(self.ui.epochsSpinBox.value)
+
+        def done(run):
+            self.ui.trainStatusLabel.text = run_text(run)
+            self.onRefreshServed()
+
+        self._runInBackground("Fine-tune", lambda: loop.full_fine_tune(epochs), done,
+                              f"Fine-tuning {loop.model} on the server ({epochs} epochs)...")
+        self.ui.trainStatusLabel.text = f"Full fine-tune of {loop.model} submitted."
+        self.ui.trainProgressBar.setRange(0, 0)  # busy until the first status
+        self.trainTimer.start()
+
+    def onRefreshServed(self):
+        if self.client is not None and "Served model" not in self._busy:
+            self._runInBackground("Served model", self.client.info, self._showServed)
+
+    def _showServed(self, info):
+        model = self.ui.modelComboBox.currentText
+        if not model or self.client is None:
+            self.ui.servedModelLabel.text = "Served model: none."
+            return
+        self.serverInfo = info
+        self.ui.servedModelLabel.text = AnnotationLoop(self.client, model).served(info).init_text()
 
     def onStopTrain(self):
         self._showError("")
@@ -573,6 +701,16 @@ class SlicerMedClassLogic(ScriptedLoadableModuleLogic):
         if self._tempdir is None or not os.path.isdir(self._tempdir):
             self._tempdir = tempfile.mkdtemp(prefix="SlicerMedClass-", dir=slicer.app.temporaryPath)
         return self._tempdir
+
+    def saveVolumeForTraining(self, volumeNode, folder):
+        """Write a volume as NRRD into ``folder`` (the local model's images), named after the volume."""
+        require_volume(volumeNode)
+        os.makedirs(folder, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in volumeNode.GetName()) or "image"
+        path = os.path.join(str(folder), f"{safe}.nrrd")
+        if not slicer.util.saveNode(volumeNode, path, {"useCompression": 0}):
+            raise ValueError(f"cannot write volume {volumeNode.GetName()!r} to {path}; check the folder's disk space")
+        return path
 
     def saveVolumeForUpload(self, volumeNode):
         """Write a volume as NRRD (geometry kept) for MONAI Label's infer-by-file."""

@@ -221,6 +221,37 @@ def label_wait_section(runs: list[dict]) -> list[str]:
     return out
 
 
+def local_refit_section(runs: list[dict]) -> list[str]:
+    """The Slicer module's head refit without a server (bench/bench_local_refit.py)."""
+    if not runs:
+        return []
+    r = runs[-1]
+    c, sm = r["config"], r["summary"]
+    out = ["## Slicer module without a server: the head refit", "",
+           "`python bench/bench_local_refit.py`: `SlicerMedClassLib.local.LocalTrainer.refit` with a working model "
+           f"({c['checkpoint']}) and *n* labelled Br35H JPEGs: read and embed the images, fit the "
+           "logistic-regression head (`medclass.probe`), write the model.pt. "
+           f"{c['repeats']} repeats per *n*, other seeds.", "",
+           "| labelled images | refit, median s | max s | of which reading + embedding the images, median s | head fit, median s | "
+           "held-out score (median), on images |", "| --- | --- | --- | --- | --- | --- |"]
+    for n in c["labels"]:
+        f = sm[str(n)]
+        scores = [x["new_score"] for x in r["runs"] if x["labels"] == n]
+        metric = next((x["metric"] for x in r["runs"] if x["labels"] == n), "")
+        held = int(np.median([x["n_heldout"] for x in r["runs"] if x["labels"] == n]))
+        out.append(f"| {n} | {f['seconds']:.2f} | {f['max_seconds']:.2f} | {f['embed_seconds']:.2f} | "
+                   f"{f['fit_seconds']:.3f} | {metric} {float(np.median(scores)):.3f}, {held} |")
+    out.append("")
+    lb, la = r.get("load_average_before"), r.get("load_average_after")
+    if lb and lb[0] > (r["machine"].get("cores") or 2):
+        out += [f"Conditions: the machine was shared with other jobs (load average {lb} before, {la} after): "
+                "the figures are upper bounds for a machine of its own. The spread between repeats comes from "
+                "loading the model, reading and embedding the images and writing the checkpoint, not from the head "
+                "fit (its column).", ""]
+    out += [f"Measured: {_machine(r['machine'])}.", ""]
+    return out
+
+
 def node_batch_section(runs: list[dict]) -> list[str]:
     if not runs:
         return []
@@ -581,6 +612,7 @@ def main() -> None:
     lines += al_section(_load("al-sim.json"))
     lines += calibration_section(_load("calibration*.json"))
     lines += label_wait_section(_load("label-wait.json"))
+    lines += local_refit_section(_load("local-refit.json"))
     lines += ssl_section(_load("ssl-probe.json"), _load("ssl-pretrain.json"), _load("ssl-features.json"))
     lines += semisup_section(_load("semisup.json"))
     if not any(r["machine"].get("gpu") for r in zoo + _load("speed.json")):

@@ -82,12 +82,16 @@ def start_label_server(studies: Path, model_dir: Path, log: Path, conf: dict[str
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     venv_bin = Path(sys.executable).parent
-    args = [str(venv_bin / "monailabel"), "start_server", "--app", str(root / "monailabel_app"),
+    # What the ``monailabel`` launcher runs, without the launcher: it puts the folder it was
+    # installed from first on PYTHONPATH, which would serve that checkout's medclass, not this one's.
+    args = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(root / "monailabel_app"),
             "--studies", studies_url or str(studies), "--host", "127.0.0.1", "--port", str(port)]
     for k, v in {"model_dir": str(model_dir), **conf}.items():
         args += ["--conf", k, v]
     # The launcher runs whichever python is first on PATH: this environment's.
-    full_env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+    python_path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "PYTHONPATH": python_path,
+                "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
                 "MONAILABEL_PYEXE": sys.executable, "MONAI_LABEL_SESSIONS": "false", **(env or {})}
     out = open(log, "w")
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=studies.parent,

@@ -22,7 +22,6 @@ says what happened; ``/info/``'s ``train_stats`` keeps it as ``last_run``.
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
 import logging
@@ -90,9 +89,18 @@ class ClassifyTrain(TrainTask):
                 last = json.loads(self._last_run_path().read_text())
             except (OSError, json.JSONDecodeError):
                 last = None
+        training = card.get("training") or {}
+        refitter = self.slot.refitter
         return {"model": self.slot.name, "version": self.slot.published.version,
                 "trained_on": card.get("data", {}).get("n"), "auc": m.get("auc"), "accuracy": m.get("accuracy"),
-                "created": card.get("created"), "mode": card.get("training", {}).get("mode"), "last_run": last}
+                "created": card.get("created"), "mode": training.get("mode"), "last_run": last,
+                # Where the served encoder's weights came from (the model card's training.init,
+                # carried through head refits), and the app's --conf init for a first training.
+                "init": training.get("init"), "conf_init": str(self.cfg.init) if self.cfg.init else None,
+                "retrain_on_label": self.cfg.retrain_on_label,
+                # The server's own refits after labels: a client that saved a label waits until
+                # "done" reaches the "requested" it read after saving (no clock, no sleep).
+                "refit": refitter.counts() if refitter is not None else None}
 
     # ------------------------------------------------------------------ entry point
     def __call__(self, request, datastore) -> dict[str, Any]:
@@ -184,17 +192,18 @@ class ClassifyTrain(TrainTask):
             return summary
         from medclass.checkpoint import save_checkpoint
         from medclass.metrics import compute_metrics
+        from medclass.probe import probe_card
 
-        card = copy.deepcopy(clf.card)
-        card["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         ds = labelled_set(f"monailabel-{name}", usable, task, split)
-        card["data"] = {"spec": "monailabel datastore", "name": ds.name, "fingerprint": ds.fingerprint,
-                        "n": len(usable), "n_train": len(tr), "n_test": len(ho), "test_keys": [i for i, *_ in ho]}
+        data = {"spec": "monailabel datastore", "name": ds.name, "fingerprint": ds.fingerprint,
+                "n": len(usable), "n_train": len(tr), "n_test": len(ho), "test_keys": [i for i, *_ in ho]}
         metrics = compute_metrics(task.type, y_ho, head_probabilities(net, task, x_ho), list(task.classes))
-        card["metrics"] = {k: v for k, v in metrics.items() if k not in ("per_class", "per_label")}
-        card["metrics"].update(split="heldout", model=name)
-        card["training"] = {"mode": "head", "warm_start": version, "encoder": "served model's, unchanged",
-                            "seconds": round(fit_s, 2)}
+        metrics.update(split="heldout", model=name)
+        # The one card of a refitted head (medclass.probe): the encoder's init carried over,
+        # the old head's calibration dropped.
+        card = probe_card(clf.card, net, task, clf.loaded.preprocess_spec, data, metrics,
+                          {"mode": "head", "warm_start": version, "encoder": "served model's, unchanged",
+                           "seconds": round(fit_s, 2)})
         # No run folder per refit (one per label when the server refits by itself): the
         # candidate is written beside the served file and published from there.
         ckpt = save_checkpoint(self.slot.published.path.with_name(f".head-{os.getpid()}.pt"), net, card)
@@ -305,13 +314,20 @@ class HeadRefitter:
         self.trainer, self.datastore = trainer, datastore
         self._cond = threading.Condition()
         self._pending = self._running = False
+        self._requested = self._done = 0
         threading.Thread(target=self._loop, name=f"medclass-refit-{trainer.slot.name}", daemon=True).start()
 
     def request(self) -> None:
         """Ask for a refit (returns at once)."""
         with self._cond:
             self._pending = True
+            self._requested += 1
             self._cond.notify_all()
+
+    def counts(self) -> dict[str, Any]:
+        """``requested`` refits, refits ``done`` (every request up to that number has been served), ``running``."""
+        with self._cond:
+            return {"requested": self._requested, "done": self._done, "running": self._running or self._pending}
 
     def wait(self, timeout: float) -> bool:
         """Wait until no refit is pending or running; False when ``timeout`` ran out."""
@@ -323,6 +339,7 @@ class HeadRefitter:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending)
                 self._pending, self._running = False, True
+                target = self._requested  # this run sees every label saved before these requests
             try:
                 self.trainer({"mode": "head", "auto": True}, self.datastore)
             except Exception:  # noqa: BLE001 - a failed refit must not stop the server; the next label retries
@@ -330,4 +347,5 @@ class HeadRefitter:
             finally:
                 with self._cond:
                     self._running = False
+                    self._done = target
                     self._cond.notify_all()
