@@ -157,6 +157,11 @@ class Classifier:
         self.task = self.loaded.task
         self.classes = self.task.classes
 
+    @property
+    def remote_checked(self) -> bool:
+        """Whether the remote server's model card was checked against this classifier's (or is its own)."""
+        return self._remote_checked
+
     def check_remote(self) -> dict[str, Any]:
         """Check the served model's card against this classifier's; returns the server's card.
 

@@ -102,6 +102,8 @@ def _identity(card: dict[str, Any]) -> dict[str, Any]:
         "classes": task.get("classes"),
         "preprocessing (input size, channels, window)": card.get("preprocess"),
         "calibration": None if t is None else [round(float(t), 6), None if bias is None else bias],
+        # Another training run of the same model is another model: its weights differ.
+        "training run (card created)": card.get("created"),
     }
 
 
@@ -109,8 +111,8 @@ def card_differences(local_card: dict[str, Any], remote_card: dict[str, Any]) ->
     """Human-readable differences between a local model card and a served model's.
 
     Empty when the served model computes the same probabilities from the same
-    preprocessed input: same model and arguments, task, classes, preprocessing and
-    calibration. Training metadata (dates, metrics) may differ.
+    preprocessed input: same model and arguments, task, classes, preprocessing,
+    calibration and training run (the card's creation time: weights are not compared).
     """
     a, b = _identity(local_card), _identity(remote_card)
     return [f"{k}: local {a[k]!r}, server {b[k]!r}" for k in a if a[k] != b[k]]
