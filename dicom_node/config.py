@@ -16,6 +16,8 @@ A ``node.toml`` (every key optional)::
     scp_processes = 0                          # processes accepting associations; 0: one per core, at most 4
     fast_path = true                           # the C-STORE fast path (needs the pinned pynetdicom); false: pynetdicom's own
     coverage = 0.95                            # of the conformal prediction sets ("uncertain"); 0: none
+    inference = "triton://gpu-box:8001/chest"  # where models run: "local" (default) or a Triton server
+                                               # serving 'medclass export --format triton' of the checkpoint
 
     [[allow]]                                  # no [[allow]]: any calling AE is accepted
     ae_title = "ORTHANC"
@@ -27,6 +29,8 @@ A ``node.toml`` (every key optional)::
     [[routes]]
     series_description = "(?i)chest"
     checkpoint = "/models/chest.pt"
+    inference = "local"                        # optional: this route's model runs here (default: inference)
+    priority = "urgent"                        # optional: Triton serves this route's series first
 
     [[forward]]                                # triage: forward the study by result
     when = "malignant >= 0.8"                  # or "malignant at sensitivity >= 0.95", or "uncertain"
@@ -72,10 +76,22 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "give_up_after_hours": _NUMBER,
     "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
     "tls": dict, "classify_any_modality": bool, "fast_path": bool, "coverage": _NUMBER, "web_port": int,
-    "web_bind": str, "users": list,
+    "web_bind": str, "users": list, "inference": str,
 }
 _TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
                    dict: "a [table]", bool: "true or false"}[v] for k, v in _TYPES.items()}
+
+def check_inference(value: str | None, where: str) -> None:
+    """Refuse an ``inference`` that is neither ``local`` nor a well-formed ``triton://`` URL."""
+    from medclass.remote import is_remote, parse_url
+
+    if value is None or value == "local":
+        return
+    if not isinstance(value, str) or not is_remote(value):
+        raise MedClassError(f"{where} = {value!r} is not an inference backend",
+                            'write "local" or "triton://HOST[:PORT]/MODEL"')
+    parse_url(value)
+
 
 @dataclass
 class NodeConfig:
@@ -109,8 +125,11 @@ class NodeConfig:
     web_port: int = 0  # the triage desk; 0: off
     web_bind: str = "127.0.0.1"  # loopback unless said otherwise: the desk shows patient data
     users: list[dict[str, str]] = field(default_factory=list)
+    #: Where the models run: "local", or "triton://HOST[:PORT]/MODEL" (a route may say otherwise).
+    inference: str = "local"
 
     def __post_init__(self) -> None:
+        check_inference(self.inference, "inference")
         if not 1 <= len(self.ae_title.strip()) <= 16:
             raise MedClassError(f"AE title {self.ae_title!r} must have 1 to 16 characters", "pass --ae-title MEDCLASS")
         if not 0 < int(self.port) < 65536:
