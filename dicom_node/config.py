@@ -81,18 +81,6 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 _TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
                    dict: "a [table]", bool: "true or false"}[v] for k, v in _TYPES.items()}
 
-def check_inference(value: str | None, where: str) -> None:
-    """Refuse an ``inference`` that is neither ``local`` nor a well-formed ``triton://`` URL."""
-    from medclass.remote import is_remote, parse_url
-
-    if value is None or value == "local":
-        return
-    if not isinstance(value, str) or not is_remote(value):
-        raise MedClassError(f"{where} = {value!r} is not an inference backend",
-                            'write "local" or "triton://HOST[:PORT]/MODEL"')
-    parse_url(value)
-
-
 @dataclass
 class NodeConfig:
     """Everything the node needs; see the module docstring for ``node.toml``."""
@@ -129,6 +117,8 @@ class NodeConfig:
     inference: str = "local"
 
     def __post_init__(self) -> None:
+        from dicom_node.selector import check_inference
+
         check_inference(self.inference, "inference")
         if not 1 <= len(self.ae_title.strip()) <= 16:
             raise MedClassError(f"AE title {self.ae_title!r} must have 1 to 16 characters", "pass --ae-title MEDCLASS")

@@ -31,6 +31,18 @@ from medclass.errors import MedClassError
 
 log = logging.getLogger("dicom_node.selector")
 
+
+def check_inference(value: str | None, where: str) -> None:
+    """Refuse an ``inference`` that is neither ``local`` nor a well-formed ``triton://`` URL."""
+    from medclass.remote import is_remote, parse_url
+
+    if value is None or value == "local":
+        return
+    if not isinstance(value, str) or not is_remote(value):
+        raise MedClassError(f"{where} = {value!r} is not an inference backend",
+                            'write "local" or "triton://HOST[:PORT]/MODEL"')
+    parse_url(value)
+
 ROUTE_KEYS = frozenset({"checkpoint", "modality", "body_part", "sop_class", "series_description", "inference",
                         "priority"})
 
@@ -65,8 +77,6 @@ class Route:
     priority: str | None = None  # "urgent" or "routine" (None: routine unless the header says urgent)
 
     def __post_init__(self) -> None:
-        from dicom_node.config import check_inference
-
         check_inference(self.inference, "[[routes]] inference")
         if self.priority not in (None, "urgent", "routine"):
             raise MedClassError(f"[[routes]] priority = {self.priority!r} is not a priority",
