@@ -116,3 +116,33 @@ def test_bad_inference_settings_are_refused(tmp_path):
         SeriesSelector([{"checkpoint": "/m.pt", "priority": "stat"}])
     with pytest.raises(MedClassError, match="malformed"):
         SeriesSelector([{"checkpoint": "/m.pt", "inference": "triton://gpu:8001"}])
+
+
+def test_two_nodes_share_one_triton_server(node_factory, checkpoint, ct_study, tmp_path):
+    """Two nodes (two sites: own AE title and spool) classify through one server; Triton counts both."""
+    import threading
+
+    from medclass.cli import main
+
+    repo = tmp_path / "repo"
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "triton", "--backend", "python",
+                 "--model-name", MODEL, "--max-batch-size", "8", "--out", str(repo)]) == 0
+    with TritonServer(tmp_path / "triton", repo) as triton:
+        nodes = [node_factory(ae_title=f"SITE{i}", inference=triton.url(MODEL)) for i in (1, 2)]
+        studies = [copy_study(ct_study, tmp_path / f"site{i}") for i in (1, 2)]
+        uids = [str(pydicom.dcmread(s[0]).StudyInstanceUID) for s in studies]
+        results = []
+        sends = [threading.Thread(target=lambda n=n, s=s: results.append(storescu(n.port, s, called=n.config.ae_title)))
+                 for n, s in zip(nodes, studies)]
+        for t in sends:
+            t.start()
+        for t in sends:
+            t.join()
+        assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+        for node, uid in zip(nodes, uids):
+            wait_until(lambda node=node, uid=uid: node.db.state(uid) == "classified", 120,
+                       what=f"{node.config.ae_title} to classify its study")
+            assert node.db.study(uid)["error"] is None
+        assert nodes[0].db.study(uids[1]) is None and nodes[1].db.study(uids[0]) is None  # separate spools
+        m = triton.metrics()
+        assert m["nv_inference_request_success"] >= 2 and m["nv_inference_count"] >= 2 * len(ct_study)
