@@ -593,6 +593,39 @@ def semisup_section(runs: list[dict]) -> list[str]:
                 "more seeds, a longer schedule or a weaker initialisation were not measured.", ""]
     out += [f"Conditions: {r['conditions']}; {r['wall_seconds_this_call'] / 60:.0f} min for the last call of the "
             "bench. Measured: " + _machine(r["machine"]) + ".", ""]
+
+
+def triton_section(runs: list[dict]) -> list[str]:
+    if not runs:
+        return []
+    b = runs[-1]
+    out = ["## Remote inference on Triton Inference Server", "",
+           f"`python bench/bench_triton.py`: {b['what']}. Model: {b['model']} at {b['image_size']} px; "
+           f"{b['images']} images, {b['repeats']} repeats; local batches of {b['local_batch_size']}, Triton requests "
+           f"of {b['request_size']} images, max_batch_size {b['max_batch_size']}; tritonserver {b['tritonserver']}.",
+           "",
+           "| path | client threads | images/s | requests | model executions | mean batch |",
+           "| --- | --- | --- | --- | --- | --- |",
+           f"| local (torch, in process) | – | {b['local_images_per_second']:.1f} | – | – | {b['local_batch_size']} |"]
+    for r in b["triton"]:
+        out.append(f"| Triton (gRPC) | {r['client_threads']} | {r['images_per_second']:.1f} | {r['requests']} | "
+                   f"{r['executions']} | {r['mean_batch']:.1f} |")
+    out += ["", f"Largest absolute difference of the probabilities, Triton against local: "
+            f"{b['max_abs_difference']:.1e} (the tests require at most 1e-4).",
+            "Requests, executions and mean batch are Triton's own counters (`nv_inference_request_success`, "
+            "`nv_inference_exec_count`, `nv_inference_count` on its metrics port): fewer executions than "
+            "requests is the dynamic batcher merging concurrent requests.",
+            "Local and Triton differ in engine as well as in place: local runs torch, the server runs the "
+            "exported ONNX graph with onnxruntime, so the ratio is not Triton's overhead alone.", ""]
+    if "load_average_1min_before" in b:
+        out += [f"CPU figures only: client, server and other work share the cores (1-minute load "
+                f"{b['load_average_1min_before']:.1f} before, {b['load_average_1min_after']:.1f} after on "
+                f"{b['machine']['cores']} cores, so these rates are low and noisy).", ""]
+    if not b.get("gpu"):
+        out += ["GPU figures are missing: no GPU machine was available. In production Triton runs NVIDIA's "
+                "container with the onnxruntime or TensorRT backend on a GPU; this server runs the same ONNX "
+                "file with onnxruntime inside Triton's Python backend on the CPU.", ""]
+    out += [f"Measured: {_machine(b['machine'])}.", ""]
     return out
 
 
@@ -608,6 +641,7 @@ def main() -> None:
     lines += node_section(_load("node-ingest.json"), _load("node-turnaround.json"))
     lines += node_batch_section(_load("node-batch.json"))
     lines += node_series_section(_load("node-series.json"))
+    lines += triton_section(_load("triton.json"))
     lines += desk_section(_load("desk.json"))
     lines += al_section(_load("al-sim.json"))
     lines += calibration_section(_load("calibration*.json"))

@@ -18,6 +18,8 @@ A ``node.toml`` (every key optional)::
     coverage = 0.95                            # of the conformal prediction sets ("uncertain"); 0: none
     preprocess_on_arrival = true               # decode and preprocess instances as they arrive (dicom_node.prepare)
     preprocess_workers = 0                     # processes doing it; 0: half the cores, at most 4
+    inference = "triton://gpu-box:8001/chest"  # where models run: "local" (default) or a Triton server
+                                               # serving 'medclass export --format triton' of the checkpoint
 
     [[allow]]                                  # no [[allow]]: any calling AE is accepted
     ae_title = "ORTHANC"
@@ -29,6 +31,8 @@ A ``node.toml`` (every key optional)::
     [[routes]]
     series_description = "(?i)chest"
     checkpoint = "/models/chest.pt"
+    inference = "local"                        # optional: this route's model runs here (default: inference)
+    priority = "urgent"                        # optional: Triton serves this route's series first
 
     [[forward]]                                # triage: forward the study by result
     when = "malignant >= 0.8"                  # or "malignant at sensitivity >= 0.95", or "uncertain"
@@ -91,6 +95,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
     "tls": dict, "classify_any_modality": bool, "fast_path": bool, "coverage": _NUMBER, "web_port": int,
     "web_bind": str, "users": list, "dicomweb": list, "preprocess_on_arrival": bool, "preprocess_workers": int,
+    "inference": str,
 }
 _TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
                    dict: "a [table]", bool: "true or false"}[v] for k, v in _TYPES.items()}
@@ -133,8 +138,13 @@ class NodeConfig:
     preprocess_workers: int = 0  # 0: dicom_node.prepare.default_workers()
     #: DICOMweb endpoints with their authentication ([[dicomweb]], dicom_node.destination.DicomWebEndpoint).
     dicomweb: list[dict[str, Any]] = field(default_factory=list)
+    #: Where the models run: "local", or "triton://HOST[:PORT]/MODEL" (a route may say otherwise).
+    inference: str = "local"
 
     def __post_init__(self) -> None:
+        from dicom_node.selector import check_inference
+
+        check_inference(self.inference, "inference")
         if not 1 <= len(self.ae_title.strip()) <= 16:
             raise MedClassError(f"AE title {self.ae_title!r} must have 1 to 16 characters", "pass --ae-title MEDCLASS")
         if int(self.preprocess_workers) < 0:

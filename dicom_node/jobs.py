@@ -30,6 +30,7 @@ Study life cycle (:data:`TRANSITIONS`)::
         ^                        ^                        |  \\--finish_skipped--> skipped
         |                        |                        |   \\-finish_failed---> failed
         |                        +--requeue_interrupted---+    \\-finish_unchanged-> classified (no new SR)
+        |                        +--wait_for_inference----+  (the inference server is down: retried later)
         +------ a new instance (reopen), from any state ------+
     skipped / failed --requeue (medclass node resend)--> ready
     classified / skipped / failed --reclassify (the desk)--> ready (a new, superseding report)
@@ -474,6 +475,16 @@ class JobDatabase:
                 c.execute("UPDATE studies SET result=?, error=NULL, classified=?, revision=?, digest=? "
                           "WHERE study_uid=?", (json.dumps(results), now, revision, digest, study_uid))
         return moved
+
+    def wait_for_inference(self, study_uid: str, reason: str) -> bool:
+        """classifying → ready: the remote inference server is unavailable; classify the study again later.
+
+        Nothing of the study is lost or changed (its instances, revision and reports stay as
+        they were); ``reason`` (one line, shown by ``medclass node status``) says why it waits.
+        Its ``stable`` time is kept, so it is still first in line once the server is back.
+        """
+        with self.connect() as c:
+            return self._move(c, study_uid, [StudyState.CLASSIFYING], StudyState.READY, "error=?", (reason,))
 
     def finish_unchanged(self, study_uid: str) -> bool:
         """classifying → classified without a new report: the same instances as the current one."""

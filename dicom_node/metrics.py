@@ -30,6 +30,9 @@ class NodeMetrics:
         self.turnaround_seconds = Histogram("medclass_node_turnaround_seconds",
                                             "From the study becoming stable to its SR delivered", registry=r,
                                             buckets=(.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.inference_up = Gauge("medclass_node_inference_up",
+                                  "1 while the remote inference server answers, 0 while it is down (studies wait "
+                                  "in ready and are retried with a backoff)", ["inference"], registry=r)
         self.outbox_pending = Gauge("medclass_node_outbox_pending", "Objects waiting to be sent", registry=r)
         self._server = None
 

@@ -145,7 +145,7 @@ class DicomNode:
         self._wake_worker.clear()  # before looking, so that a study marked ready meanwhile wakes the next wait
         while not self._stop.is_set() and self.worker.run_once():
             self._wake_sender.set()  # a report or forward may be queued: send it now, not at the next poll
-        return self.poll
+        return self.worker.backoff_seconds() or self.poll  # an inference server down: look again after the backoff
 
     def _prepare(self) -> float:
         # At once again while arrivals keep the pool busy; otherwise at the next poll.

@@ -3,7 +3,10 @@
 Rules come from ``[[routes]]`` in ``node.toml``; the first rule whose every given
 field matches a series wins. Fields: ``modality``, ``body_part`` (Body Part
 Examined), ``sop_class`` (UID or its name), ``series_description`` (a regular
-expression, searched), ``checkpoint``.
+expression, searched), ``checkpoint``, and two that say how its model runs:
+``inference`` (``local`` or ``triton://HOST[:PORT]/MODEL``; default: the node's
+``inference``) and ``priority`` (``urgent`` or ``routine``: the queue priority on a
+Triton server; a study whose header says STAT or HIGH is urgent whatever the route).
 
 Without rules, the default checkpoint classifies only the series it was trained
 for: the modality (and the body part, when the series and the model's card both
@@ -28,7 +31,20 @@ from medclass.errors import MedClassError
 
 log = logging.getLogger("dicom_node.selector")
 
-ROUTE_KEYS = frozenset({"checkpoint", "modality", "body_part", "sop_class", "series_description"})
+
+def check_inference(value: str | None, where: str) -> None:
+    """Refuse an ``inference`` that is neither ``local`` nor a well-formed ``triton://`` URL."""
+    from medclass.remote import is_remote, parse_url
+
+    if value is None or value == "local":
+        return
+    if not isinstance(value, str) or not is_remote(value):
+        raise MedClassError(f"{where} = {value!r} is not an inference backend",
+                            'write "local" or "triton://HOST[:PORT]/MODEL"')
+    parse_url(value)
+
+ROUTE_KEYS = frozenset({"checkpoint", "modality", "body_part", "sop_class", "series_description", "inference",
+                        "priority"})
 
 
 @dataclass
@@ -57,8 +73,14 @@ class Route:
     body_part: str | None = None
     sop_class: str | None = None
     series_description: str | None = None
+    inference: str | None = None  # None: the node's inference
+    priority: str | None = None  # "urgent" or "routine" (None: routine unless the header says urgent)
 
     def __post_init__(self) -> None:
+        check_inference(self.inference, "[[routes]] inference")
+        if self.priority not in (None, "urgent", "routine"):
+            raise MedClassError(f"[[routes]] priority = {self.priority!r} is not a priority",
+                                'write priority = "urgent" or "routine"')
         if self.series_description is not None:
             try:
                 self._regex = re.compile(self.series_description)
@@ -90,10 +112,12 @@ class SeriesSelector:
     classify_any_modality : bool, default False
         Without rules, classify every image series with the default checkpoint, whatever
         modality and body part its card says it was trained on.
+    inference : str, default "local"
+        Where a model runs when its rule does not say (``triton://...``: a Triton server).
     """
 
     def __init__(self, routes: list[dict[str, str]] | None = None, default_checkpoint: str | None = None,
-                 classify_any_modality: bool = False) -> None:
+                 classify_any_modality: bool = False, inference: str = "local") -> None:
         self.routes = []
         for r in routes or []:
             unknown = set(r) - ROUTE_KEYS
@@ -103,6 +127,7 @@ class SeriesSelector:
             self.routes.append(Route(**{"checkpoint": default_checkpoint, **r}))
         self.default = default_checkpoint
         self.classify_any_modality = classify_any_modality
+        self.inference = inference or "local"
         if not self.routes and not self.default:
             raise MedClassError("no model to classify with",
                                 "pass --checkpoint model.pt, add [[routes]] to node.toml, or run 'medclass quickstart'")
@@ -147,6 +172,19 @@ class SeriesSelector:
         self.skipped[series.series_uid] = why
         log.info("%s", why)
         return None
+
+    def _route_of(self, checkpoint: str) -> Route | None:
+        return next((r for r in self.routes if r.checkpoint == checkpoint), None)
+
+    def inference_of(self, checkpoint: str) -> str:
+        """Where ``checkpoint``'s model runs: its route's ``inference``, else the node's."""
+        r = self._route_of(checkpoint)
+        return (r.inference if r is not None and r.inference else None) or self.inference
+
+    def priority_of(self, checkpoint: str) -> str:
+        """The queue priority its route asks for (``routine`` without one)."""
+        r = self._route_of(checkpoint)
+        return (r.priority if r is not None else None) or "routine"
 
     def plan(self, series: list[SeriesInfo]) -> dict[str, list[str]]:
         """Checkpoint → series UIDs it classifies (a study may use several models).

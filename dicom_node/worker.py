@@ -10,6 +10,15 @@ committed in one transaction with the study's new state.
 UIDs of the report are derived from (study, model, revision), so classifying a
 study again after a crash yields the same SR instance, never a second one.
 
+A model may run on a Triton Inference Server (``inference = "triton://..."``, top level
+or per route). A study whose header asks for STAT or HIGH priority (Requested Procedure
+Priority), or whose route says ``priority = "urgent"``, is sent at Triton's urgent
+priority. While the server is unavailable the study goes back to ``ready`` with the
+reason "waiting for inference server; retrying" (:meth:`JobDatabase.wait_for_inference`:
+nothing is lost), the worker waits a backoff (doubling from ``retry_base_seconds`` up to
+``retry_max_seconds``) before it claims again, and the gauge
+``medclass_node_inference_up`` is 0 until a request succeeds.
+
 One current report per study and model:
 
 - an unchanged resend (the same set of SOP Instance UIDs as the current report
@@ -40,7 +49,7 @@ from dicom_node.prepare import PreparedCache
 from dicom_node.router import StudyRouter
 from dicom_node.selector import SeriesInfo, SeriesSelector
 from dicom_node.spool import Spool, safe_name, write_durably
-from medclass.errors import MedClassError
+from medclass.errors import InferenceUnavailable, MedClassError
 from medclass.inference import Classifier
 from medclass.sr import (
     IMAGE_LIBRARY_MAX_IMAGES,
@@ -68,26 +77,41 @@ class InferenceWorker:
         self.db = db
         self.spool = spool
         self.metrics = metrics
-        self.selector = SeriesSelector(config.routes, config.checkpoint, config.classify_any_modality)
+        self.selector = SeriesSelector(config.routes, config.checkpoint, config.classify_any_modality,
+                                       config.inference)
         # The rules are checked against the models' cards here, at start: a class no model has or an
         # operating point without a stored ROC stops the node (dicom_node.router).
         self.router = StudyRouter(config.forward, _model_cards(config))
         self.outbox_dir = config.data_path / "outbox"
-        self._models: dict[str, Classifier] = {}
+        self._models: dict[tuple[str, str], Classifier] = {}
+        self._unavailable = 0  # consecutive studies put back because the inference server was down
+        self._retry_at = 0.0  # no claim before this (time.monotonic()): the backoff
         # Images prepared as they arrived (dicom_node.prepare); whatever is missing is prepared here.
         self.cache = PreparedCache(config.data_path / "prepared") if config.preprocess_on_arrival else None
 
     def model(self, checkpoint: str) -> Classifier:
-        """A loaded model, cached: loading once per node, not per study."""
-        if checkpoint not in self._models:
-            self._models[checkpoint] = Classifier(checkpoint, self.config.device)
-            log.info("loaded %s (%s) on %s", checkpoint, self._models[checkpoint].loaded.name,
-                     self._models[checkpoint].loaded.device)
-        return self._models[checkpoint]
+        """A loaded model, cached: loading once per node, not per study.
+
+        With a remote ``inference`` only the card is read here; the gRPC channel is made
+        on the first request, in the thread's own process.
+        """
+        inference = self.selector.inference_of(checkpoint)
+        key = (checkpoint, inference)
+        if key not in self._models:
+            clf = self._models[key] = Classifier(checkpoint, self.config.device, inference=inference)
+            where = clf.inference if clf.remote is not None else clf.loaded.device
+            log.info("loaded %s (%s) on %s", checkpoint, clf.loaded.name, where)
+        return self._models[key]
 
     def claim(self) -> str | None:
-        """Take the oldest ready study, or ``None``."""
+        """Take the oldest ready study, or ``None`` (also while backing off from a down inference server)."""
+        if time.monotonic() < self._retry_at:
+            return None
         return self.db.claim_ready()
+
+    def backoff_seconds(self) -> float:
+        """Seconds before the next claim (0 when not backing off)."""
+        return max(0.0, self._retry_at - time.monotonic())
 
     def run_once(self) -> bool:
         """Classify one ready study if there is one; return whether there was."""
@@ -97,6 +121,17 @@ class InferenceWorker:
         t0 = time.perf_counter()
         try:
             outcome = self.classify_study(uid)
+        except InferenceUnavailable as e:  # not the study's fault: it waits in ready, nothing is lost
+            self._unavailable += 1
+            delay = min(self.config.retry_max_seconds,
+                        self.config.retry_base_seconds * 2 ** min(self._unavailable - 1, 30))
+            self._retry_at = time.monotonic() + delay
+            self.metrics.inference_up.labels(e.url).set(0)
+            self.db.wait_for_inference(uid, f"waiting for inference server; retrying in {delay:.0f} s "
+                                            f"({e.url}: {e.reason})"[:400])
+            log.warning("study %s waits: inference server %s unavailable (%s); retrying in %.0f s", uid, e.url,
+                        e.reason, delay)
+            return False  # nothing more to claim until the backoff has passed
         except Exception as e:  # one study's failure must not stop the node
             reason = failure_reason(e, uid)
             log.error("study %s failed: %s", uid, reason)  # one line; the traceback with -v
@@ -150,9 +185,11 @@ class InferenceWorker:
             return "skipped"
         results, outbox, reports = [], [], []
         revision = (study["revision"] if study else 0) + 1
+        urgent = any(_asks_urgent(ds) for ds in headers.values())
         for checkpoint, series_uids in plan.items():
             chosen = [i for i in instances if i["series_uid"] in series_uids and i["sop_uid"] in headers]
-            res = self._classify(checkpoint, chosen)
+            priority = "urgent" if urgent else self.selector.priority_of(checkpoint)
+            res = self._classify(checkpoint, chosen, priority)
             if res is None:
                 continue
             probs, label, used, clf = res
@@ -182,10 +219,11 @@ class InferenceWorker:
                  "; ".join(f"{r['model']} → {r['label']}" for r in results))
         return "classified"
 
-    def _classify(self, checkpoint: str, chosen: list[dict[str, Any]]):
+    def _classify(self, checkpoint: str, chosen: list[dict[str, Any]], priority: str = "routine"):
         clf = self.model(checkpoint)
         if self.cache is None:
-            res = clf.classify_study([inst["path"] for inst in chosen], batch_size=self.config.batch_size)
+            res = clf.classify_study([inst["path"] for inst in chosen], batch_size=self.config.batch_size,
+                                     priority=priority)
         else:
             fp, prepared, inline = clf.preprocess_fingerprint, [], 0
             for inst in chosen:
@@ -195,7 +233,10 @@ class InferenceWorker:
                 prepared.append(item)
             self.metrics.images_prepared.labels("arrival").inc(len(chosen) - inline)
             self.metrics.images_prepared.labels("inline").inc(inline)
-            res = clf.classify_prepared(prepared, batch_size=self.config.batch_size)
+            res = clf.classify_prepared(prepared, batch_size=self.config.batch_size, priority=priority)
+        if clf.remote is not None and res.used:
+            self.metrics.inference_up.labels(clf.inference).set(1)
+            self._unavailable, self._retry_at = 0, 0.0
         for k, reason in res.skipped.items():
             self._skip(chosen[k], reason)
         if not res.used:
@@ -275,6 +316,17 @@ def reference_dataset(inst: dict[str, Any], series_header: pydicom.Dataset) -> p
 #: The Image Pixel module's description attributes (not the pixels).
 PIXEL_DESCRIPTION = ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored",
                      "HighBit", "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames")
+
+#: Requested Procedure Priority (0040,1003) values that make a study urgent on a Triton server.
+URGENT_PRIORITIES = frozenset({"STAT", "HIGH"})
+
+
+def _asks_urgent(ds: pydicom.Dataset) -> bool:
+    """Whether the header asks for STAT/HIGH priority (Requested Procedure Priority, also in the
+    Request Attributes Sequence)."""
+    values = [ds.get("RequestedProcedurePriority", "")]
+    values += [item.get("RequestedProcedurePriority", "") for item in ds.get("RequestAttributesSequence", []) or []]
+    return any(str(v or "").strip().upper() in URGENT_PRIORITIES for v in values)
 
 
 def failure_reason(error: BaseException, study_uid: str) -> str:

@@ -118,7 +118,8 @@ def _cmd_evaluate(a) -> int:
     from medclass.evaluation import evaluate_checkpoint
     from medclass.metrics import format_metrics
 
-    m = evaluate_checkpoint(a.checkpoint, a.data, a.out, a.split, a.device, a.bootstrap)
+    _need_model(a)
+    m = evaluate_checkpoint(a.checkpoint, a.data, a.out, a.split, a.device, a.bootstrap, a.inference)
     print(format_metrics(m))
     print(f"wrote {Path(a.out) / 'metrics.json'} and plots")
     return 0
@@ -134,16 +135,26 @@ def _cmd_calibrate(a) -> int:
     return 0
 
 
+def _need_model(a) -> None:
+    """A checkpoint, a remote model, or both: refuse neither."""
+    if not a.checkpoint and a.inference in (None, "local"):
+        raise MedClassError("no model given", "pass --checkpoint model.pt, or --inference triton://HOST:PORT/MODEL")
+
+
 def _cmd_predict(a) -> int:
+    from medclass.errors import InferenceUnavailable
     from medclass.inference import Classifier
 
-    clf = Classifier(a.checkpoint, a.device)
+    _need_model(a)
+    clf = Classifier(a.checkpoint, a.device, inference=a.inference)
     status = 0
     for p in a.paths:
         try:
-            pred = clf.predict([clf.read(p)])[0]
+            pred = clf.predict([clf.read(p)], priority=a.priority)[0]
             pred.path = str(p)
             print(json.dumps(pred.as_dict()), flush=True)
+        except InferenceUnavailable:  # the server, not the file: the files after it would fail the same way
+            raise
         except MedClassError as e:  # one bad file does not stop the others
             print(json.dumps({"path": str(p), "error": str(e)}), flush=True)
             print(f"medclass: error: {e}", file=sys.stderr)
@@ -168,6 +179,13 @@ def _cmd_explain(a) -> int:
 def _cmd_export(a) -> int:
     from medclass.export import export_checkpoint
 
+    if a.format == "triton":
+        folder = export_checkpoint(a.checkpoint, "triton", a.out, model_name=a.model_name, backend=a.backend,
+                                   max_batch_size=a.max_batch_size)
+        print(f"wrote {folder}/config.pbtxt and {folder}/1/model.onnx (backend {a.backend}; the card rides in "
+              f"config.pbtxt); serve {a.out} with tritonserver --model-repository {a.out}, then use "
+              f"--inference triton://HOST:8001/{folder.name}")
+        return 0
     out = export_checkpoint(a.checkpoint, a.format, a.out)
     print(f"wrote {out} and {out}.json (the model card: preprocessing and class names)")
     return 0
@@ -239,6 +257,12 @@ def _cmd_node(a) -> int:
     if node_main is None:
         raise MedClassError(*_NODE_MISSING)
     return node_main(a.node_args)
+
+
+def _inference_argument(s) -> None:
+    s.add_argument("--inference", default="local", metavar="local|triton://HOST[:PORT]/MODEL",
+                   help="where the model runs: here (default) or on a Triton Inference Server serving a "
+                   "repository from 'medclass export --format triton'")
 
 
 def _csv(kind):
@@ -367,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_pretrain)
 
     s = sub.add_parser("evaluate", help="metrics, confidence intervals and plots on a dataset")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--checkpoint", help="model.pt (optional with --inference triton://...)")
+    _inference_argument(s)
     s.add_argument("--data", help="defaults to the dataset recorded in the checkpoint")
     s.add_argument("--split", default="test", choices=["test", "val", "all"],
                    help="test/val: the held-out split recorded in the checkpoint")
@@ -385,7 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_calibrate)
 
     s = sub.add_parser("predict", help="classify files; one JSON object per line")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--checkpoint", help="model.pt (optional with --inference triton://...)")
+    _inference_argument(s)
+    s.add_argument("--priority", default="routine", choices=["urgent", "routine"],
+                   help="queue priority on a remote inference server (urgent is served first)")
     s.add_argument("--device", default="auto")
     s.add_argument("paths", nargs="+")
     s.set_defaults(fn=_cmd_predict)
@@ -398,10 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=_cmd_explain)
 
-    s = sub.add_parser("export", help="export to TorchScript or ONNX")
+    s = sub.add_parser("export", help="export to TorchScript, ONNX or a Triton model repository")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--format", required=True, choices=["torchscript", "onnx"])
-    s.add_argument("--out", required=True)
+    s.add_argument("--format", required=True, choices=["torchscript", "onnx", "triton"])
+    s.add_argument("--out", required=True, help="the file; with --format triton the model repository folder")
+    s.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "python"],
+                   help="triton: the backend config.pbtxt names (python: onnxruntime inside Triton's Python backend)")
+    s.add_argument("--model-name", help="triton: the model's name in the repository (default: the model's name)")
+    s.add_argument("--max-batch-size", type=int, default=32, help="triton: the largest batch the server forms")
     s.set_defaults(fn=_cmd_export)
 
     s = sub.add_parser("quickstart", help="train (once) and evaluate the default model on Br35H, then start the "

@@ -39,22 +39,40 @@ def select_split(card: dict[str, Any], ds, split: str) -> list[int]:
     return [where[k] for k in keys]
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | None, out: str | Path, split: str = "test",
-                        device: str = "auto", n_boot: int = 1000) -> dict[str, Any]:
-    """Write ``out/metrics.json`` and the ROC, confusion and reliability plots."""
-    from medclass.metrics import evaluation_report
+def evaluate_checkpoint(checkpoint: str | Path | None, data: str | None, out: str | Path, split: str = "test",
+                        device: str = "auto", n_boot: int = 1000, inference: str | None = None) -> dict[str, Any]:
+    """Write ``out/metrics.json`` and the ROC, confusion and reliability plots.
 
-    loaded, ds = _model_and_data(checkpoint, data, device, "evaluate on data labelled with the model's classes")
+    With ``inference="triton://HOST:PORT/MODEL"`` the forward passes run on that Triton
+    server (see :class:`~medclass.inference.Classifier`); ``checkpoint`` is then optional
+    (the served model's card records the dataset and split), and the calibration section
+    (which needs the uncalibrated logits of a local model) is left out.
+    """
+    from medclass.metrics import evaluation_report
+    from medclass.remote import is_remote
+
+    remedy = "evaluate on data labelled with the model's classes"
+    clf = None
+    if is_remote(inference):
+        from medclass.inference import Classifier
+
+        clf = Classifier(checkpoint, device, inference=inference)
+        loaded, ds = clf.loaded, _dataset_for(clf.loaded, data, remedy)
+    else:
+        loaded, ds = _model_and_data(checkpoint, data, device, remedy)
     card = loaded.card
     idx = select_split(card, ds, split)
     ts = materialize(ds, idx, loaded.preprocess_spec, multimodal=loaded.family == "crossmodal")
-    probs = forward_probabilities(loaded, ts.x, ts.extra())
+    probs = clf.forward(ts.x, ts.extra()) if clf is not None else forward_probabilities(loaded, ts.x, ts.extra())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = evaluation_report(loaded.task.type, ts.y.numpy(), probs, loaded.task.classes, out, n_boot=n_boot)
-    if card.get("calibration"):
+    if card.get("calibration") and clf is None:
         metrics["calibration"] = calibration_effect(loaded, ts, probs)
-    metrics.update(split=split, data=data, checkpoint=str(checkpoint), model=loaded.name, skipped=ts.skipped)
+    metrics.update(split=split, data=data, checkpoint=None if checkpoint is None else str(checkpoint),
+                   model=loaded.name, skipped=ts.skipped)
+    if clf is not None:
+        metrics["inference"] = clf.inference
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -143,6 +161,11 @@ def calibrate_model(loaded, val_set, test_set=None, batch_size: int = 64) -> dic
 def _model_and_data(checkpoint, data: str | None, device: str, remedy: str):
     """The loaded checkpoint and its dataset (``data``, else the one its card records), classes checked."""
     loaded = load_checkpoint(checkpoint, device)
+    return loaded, _dataset_for(loaded, data, remedy)
+
+
+def _dataset_for(loaded, data: str | None, remedy: str):
+    """The dataset ``data`` (else the one the card records), its classes checked against the model's."""
     data = data or loaded.card.get("data", {}).get("spec")
     if not data:
         raise MedClassError("no --data given and the checkpoint records none", "pass --data")
@@ -150,4 +173,4 @@ def _model_and_data(checkpoint, data: str | None, device: str, remedy: str):
     if ds.task.classes != loaded.task.classes:
         raise MedClassError(f"the dataset's classes {ds.task.classes} differ from the model's {loaded.task.classes}",
                             remedy)
-    return loaded, ds
+    return ds

@@ -17,8 +17,9 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from medclass.checkpoint import LoadedModel, load_checkpoint
+from medclass.checkpoint import LoadedModel, load_checkpoint, read_card
 from medclass.errors import MedClassError
+from medclass.tasks import Task
 
 
 @dataclass
@@ -101,20 +102,88 @@ def calibrated_probabilities(loaded: LoadedModel, logits: torch.Tensor) -> torch
 
 
 class Classifier:
-    """A checkpoint ready to classify images.
+    """A checkpoint ready to classify images, run here or on a remote inference server.
 
     Parameters
     ----------
-    checkpoint : str or Path or LoadedModel
-        A ``model.pt`` written by ``medclass train``, or an already loaded model.
+    checkpoint : str or Path or LoadedModel, optional
+        A ``model.pt`` written by ``medclass train``, or an already loaded model. Optional
+        with a remote ``inference``: the card then comes from the server.
     device : str
-        ``auto`` (GPU when present), ``cpu`` or ``cuda``.
+        ``auto`` (GPU when present), ``cpu`` or ``cuda`` (local inference).
+    inference : str, optional
+        ``local`` (the default) or ``triton://HOST[:PORT]/MODEL[/VERSION]``: a model exported
+        with ``medclass export --format triton`` on NVIDIA Triton Inference Server.
+        Preprocessing and aggregation stay here; only :meth:`forward` goes to the server.
+        With a checkpoint, the server's card is checked against it on the first remote
+        forward (or by :meth:`check_remote`); without one, the card is fetched now.
+    timeout : float
+        Seconds a remote request may take before the server counts as unavailable.
+
+    Raises
+    ------
+    InferenceUnavailable
+        No checkpoint was given and the server cannot be reached (retry later).
     """
 
-    def __init__(self, checkpoint: str | Path | LoadedModel, device: str = "auto") -> None:
-        self.loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint, device)
+    def __init__(self, checkpoint: str | Path | LoadedModel | None = None, device: str = "auto", *,
+                 inference: str | None = None, timeout: float = 60.0) -> None:
+        from medclass.remote import TritonModel, is_remote
+
+        self.inference = inference or "local"
+        self.remote: TritonModel | None = None
+        self._remote_checked = False
+        if self.inference != "local":
+            self.remote = TritonModel(self.inference, timeout)  # refuses anything but triton://...
+        if isinstance(checkpoint, LoadedModel):
+            self.loaded = checkpoint
+        elif checkpoint is None:
+            if self.remote is None:
+                raise MedClassError("no checkpoint given for local inference",
+                                    "pass --checkpoint model.pt, or --inference triton://HOST:PORT/MODEL")
+            card = self.remote.card()
+            self.loaded = LoadedModel(None, card, Task(**card["task"]), torch.device("cpu"))
+            self._remote_checked = True  # the card is the server's own
+        elif self.remote is not None:
+            # The model runs on the server: its card is all this process needs (no weights loaded).
+            card = read_card(checkpoint)
+            self.loaded = LoadedModel(None, card, Task(**card["task"]), torch.device("cpu"))
+        else:
+            self.loaded = load_checkpoint(checkpoint, device)
+        if self.remote is not None and self.loaded.family == "crossmodal":
+            raise MedClassError(f"{self.loaded.name} takes text and header inputs, which remote inference does not send",
+                                "use local inference for a cross-modal model")
+        assert self.remote is None or is_remote(self.inference)
         self.task = self.loaded.task
         self.classes = self.task.classes
+
+    @property
+    def remote_checked(self) -> bool:
+        """Whether the remote server's model card was checked against this classifier's (or is its own)."""
+        return self._remote_checked
+
+    def check_remote(self) -> dict[str, Any]:
+        """Check the served model's card against this classifier's; returns the server's card.
+
+        Raises
+        ------
+        InferenceUnavailable
+            The server cannot be reached (retry later).
+        MedClassError
+            The served model differs from the checkpoint (name, classes, input, calibration).
+        """
+        from medclass.remote import card_differences
+
+        if self.remote is None:
+            raise MedClassError("this classifier runs locally", "pass inference='triton://HOST:PORT/MODEL'")
+        remote_card = self.remote.card()
+        diff = card_differences(self.card, remote_card)
+        if diff:
+            raise MedClassError(f"the model served at {self.inference} is not this checkpoint: " + "; ".join(diff),
+                                "export this checkpoint with 'medclass export --format triton' and serve that "
+                                "repository, or point --inference at the model exported from it")
+        self._remote_checked = True
+        return remote_card
 
     @property
     def card(self) -> dict[str, Any]:
@@ -134,10 +203,11 @@ class Classifier:
 
         return {"text": tokenize(texts or [None] * len(metas)), "tabular": encode_tabular(metas)}
 
-    def probabilities(self, images: list, texts: list[str | None] | None = None) -> np.ndarray:
+    def probabilities(self, images: list, texts: list[str | None] | None = None,
+                      priority: str = "routine") -> np.ndarray:
         """Probabilities ``(N, K)`` for :class:`~medclass.io.ImageData` objects."""
         x = torch.stack([self.preprocess(im) for im in images])
-        return self.forward(x, self.extra_inputs([im.meta for im in images], texts))
+        return self.forward(x, self.extra_inputs([im.meta for im in images], texts), priority=priority)
 
     def forward(self, x: torch.Tensor, extra: dict[str, torch.Tensor] | None = None, batch_size: int = 64,
                 priority: str = "routine") -> np.ndarray:
@@ -147,11 +217,18 @@ class Classifier:
         runs (this process, or a remote inference server) is decided in one place.
         ``priority`` (``urgent`` or ``routine``) matters only to a server that queues requests.
         """
-        return forward_probabilities(self.loaded, x, extra, batch_size)
+        if self.remote is None:
+            return forward_probabilities(self.loaded, x, extra, batch_size)
+        if extra:
+            raise MedClassError("remote inference sends images only", "use local inference for this model")
+        if not self._remote_checked:
+            self.check_remote()
+        return self.remote.probabilities(x.numpy(), priority, batch_size).astype(np.float64)
 
-    def predict(self, images: list, texts: list[str | None] | None = None) -> list[Prediction]:
+    def predict(self, images: list, texts: list[str | None] | None = None,
+                priority: str = "routine") -> list[Prediction]:
         """One :class:`Prediction` per image."""
-        probs = self.probabilities(images, texts)
+        probs = self.probabilities(images, texts, priority)
         return [self._prediction(im.meta.get("path"), p, im.meta) for im, p in zip(images, probs)]
 
     def read(self, path: str | Path):
@@ -293,6 +370,7 @@ class PublishedModel:
 
     path: Path
     device: str = "auto"
+    inference: str | None = None  # "local" or "triton://...": where the classifier runs its model
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -325,7 +403,7 @@ class PublishedModel:
                 raise MedClassError(f"no trained model at {self.path}",
                                     "label images of every class and start a training run")
             if self._cached is None or self._cached[0] != version:
-                self._cached = (version, Classifier(self.path, self.device))
+                self._cached = (version, Classifier(self.path, self.device, inference=self.inference))
             return self._cached[1]
 
     def publish(self, checkpoint: str | Path) -> str:

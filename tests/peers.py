@@ -11,6 +11,8 @@ group, then SIGKILL if it does not exit). Every peer is also a context manager.
   ``--fork`` (one process per association) and TLS.
 - :class:`PynetdicomStoreSCP` — pynetdicom's ``storescp`` application.
 - :class:`NodeProcess` — ``medclass node`` itself in a subprocess (for ``kill -9``).
+- :class:`TritonServer` — NVIDIA's ``tritonserver`` (from the ``nvidia-pytriton`` wheel)
+  serving an exported model repository, with its HTTP health, gRPC and metrics ports.
 
 Every dcmtk process gets ``TCP_NODELAY=1`` in its environment (:func:`dcmtk_env`):
 without it Debian's dcmtk waits on Nagle's algorithm and moves about 11 instances/s.
@@ -40,7 +42,7 @@ T = TypeVar("T")
 P = TypeVar("P", bound="PeerProcess")
 
 __all__ = ["HOST", "DcmtkStoreSCP", "NodeProcess", "Orthanc", "PeerError", "PeerProcess", "PynetdicomStoreSCP",
-           "dcmtk_env", "free_port", "have_dcmtk", "orthanc_executable", "port_open", "wait_for"]
+           "TritonServer", "dcmtk_env", "free_port", "have_dcmtk", "orthanc_executable", "port_open", "tritonserver_dist", "wait_for"]
 
 
 class PeerError(RuntimeError):
@@ -487,3 +489,129 @@ class NodeProcess(PeerProcess):
             return f"on port {self.port}," in self.log_path.read_text(errors="replace")
         except OSError:
             return False
+
+
+# --------------------------------------------------------------------------- Triton Inference Server
+
+
+def tritonserver_dist() -> Path | None:
+    """The folder of the ``tritonserver`` build shipped inside the ``nvidia-pytriton`` wheel (None without it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    dist = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    return dist if (dist / "bin" / "tritonserver").is_file() else None
+
+
+class TritonServer(PeerProcess):
+    """NVIDIA's ``tritonserver`` (2.51, from the ``nvidia-pytriton`` wheel) serving a model repository.
+
+    The real server binary with its Python backend: a repository exported with
+    ``medclass export --format triton --backend python`` runs its ONNX file with onnxruntime
+    inside the backend's stub process. Clients drive it only through ``tritonclient``, as
+    they would drive NVIDIA's container.
+
+    Parameters
+    ----------
+    root : Path
+        The peer's folder: its log, and the server's backend folder (the wheel's backends
+        plus the stub for this interpreter's Python version).
+    repository : Path
+        The model repository (``--model-repository``).
+    grpc_port, http_port, metrics_port : int, optional
+        Loopback ports (default: free ones). :attr:`port` is the gRPC port.
+
+    Notes
+    -----
+    Two things the stub needs from its environment:
+
+    - ``LD_LIBRARY_PATH`` starting with this interpreter's ``LIBDIR``: the stub links
+      ``libpython3.X``, and the system's copy next to another build's standard library fails
+      with ``'_thread.RLock' object has no attribute '_recursion_count'``;
+    - ``PYTHONPATH`` with this environment's ``site-packages`` (numpy, onnxruntime), because
+      the embedded interpreter starts from the base installation, not from the virtual
+      environment.
+    """
+
+    name = "tritonserver"
+
+    def __init__(self, root: str | Path, repository: str | Path, grpc_port: int | None = None,
+                 http_port: int | None = None, metrics_port: int | None = None) -> None:
+        super().__init__(root, grpc_port)
+        self.repository = Path(repository)
+        self.http_port = http_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        dist = tritonserver_dist()
+        if dist is None:
+            raise PeerError("tritonserver is not installed (pip install 'slicer-medclass[triton]')")
+        self.dist = dist
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def url(self, model: str) -> str:
+        """The ``--inference`` URL of ``model`` on this server."""
+        return f"triton://{HOST}:{self.port}/{model}"
+
+    def prepare(self) -> None:
+        # pytriton's own layout: the wheel's backends, and the stub built for this Python version
+        # copied into the python backend's folder (the wheel ships one stub per Python version).
+        backends = self.root / "backends"
+        if not backends.exists():
+            shutil.copytree(self.dist / "backends", backends)
+            version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+            stub = self.dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+            shutil.copy(stub, backends / "python" / "triton_python_backend_stub")
+
+    def command(self) -> list[str]:
+        return [str(self.dist / "bin" / "tritonserver"), "--model-repository", str(self.repository),
+                "--backend-directory", str(self.root / "backends"), "--cache-directory",
+                str(self.dist / "caches"), "--grpc-address", HOST, "--grpc-port", str(self.port),
+                "--http-address", HOST, "--http-port", str(self.http_port), "--metrics-port",
+                str(self.metrics_port), "--allow-metrics", "true", "--allow-gpu-metrics", "false",
+                "--log-verbose", "0", "--exit-timeout-secs", "5"]
+
+    def environment(self) -> dict[str, str]:
+        import site
+        import sysconfig
+
+        env = dict(os.environ)
+        # The interpreter's own libpython first; then the wheel's bundled libraries, which the copied
+        # backends no longer find through their relative RPATH.
+        libs = [sysconfig.get_config_var("LIBDIR"), str(self.dist.parent.parent / "nvidia_pytriton.libs"),
+                env.get("LD_LIBRARY_PATH", "")]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+        paths = [*site.getsitepackages(), str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def ready(self) -> bool:
+        """Triton's HTTP health endpoint: the server and every model in the repository are ready."""
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.http_port}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 120.0) -> TritonServer:
+        return super().start(timeout)
+
+    def metrics(self) -> dict[str, float]:
+        """Triton's Prometheus metrics, summed over labels: ``{name: value}``."""
+        with urllib.request.urlopen(f"http://{HOST}:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name_labels, _, value = line.rpartition(" ")
+            name = name_labels.split("{", 1)[0]
+            try:
+                out[name] = out.get(name, 0.0) + float(value)
+            except ValueError:
+                continue
+        return out

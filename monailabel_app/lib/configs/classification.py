@@ -30,6 +30,13 @@
 ``device``                ``auto`` (GPU when present), ``cpu`` or ``cuda``
 ``dicomweb_filter``       QIDO search filter (JSON) for a DICOMweb datastore; default:
                           every image series of every modality
+``inference``             where ``POST /infer`` runs the model: ``local`` (default) or
+                          ``triton://HOST[:PORT]/MODEL``, a Triton Inference Server
+                          serving ``medclass export --format triton`` of the served
+                          checkpoint (the card is checked: 409 when it differs; 503
+                          while the server is down). With one model per app only.
+                          Scoring for active learning, heat maps and training stay
+                          local: they need the model's weights and embeddings here.
 ========================  ==========================================================
 """
 
@@ -60,6 +67,13 @@ class ModelSlot:
     image_size: int
     dimension: int = 2
     refitter: Any = None  # the server's HeadRefitter, once a label was saved (lib.trainers.classify)
+    #: What POST /infer classifies with: ``published`` itself (local), or the same checkpoint's card
+    #: checked against a Triton server that runs the model (``--conf inference triton://...``).
+    served: PublishedModel | None = None
+
+    def __post_init__(self) -> None:
+        if self.served is None:
+            self.served = self.published
 
 
 @dataclass
@@ -76,6 +90,7 @@ class AppConfig:
     refit_wait_seconds: float = 120.0
     device: str = "auto"
     dicomweb_filter: dict = field(default_factory=dict)
+    inference: str = "local"
 
     @property
     def task(self) -> Task:
@@ -109,6 +124,22 @@ def _json_conf(conf: dict[str, str], key: str) -> dict:
             from None
     if not isinstance(value, dict):
         raise MedClassError(f"--conf {key} must be a JSON object", f"e.g. --conf {key} '{{\"Modality\": \"CR\"}}'")
+    return value
+
+
+def _inference(conf: dict[str, str], names: list[str]) -> str:
+    from medclass.remote import is_remote, parse_url
+
+    value = (conf.get("inference") or "local").strip()
+    if value == "local":
+        return value
+    if not is_remote(value):
+        raise MedClassError(f"--conf inference {value!r} is not an inference backend",
+                            "use local or triton://HOST[:PORT]/MODEL")
+    parse_url(value)
+    if len(names) != 1:
+        raise MedClassError(f"--conf inference {value} names one served model, but the app serves {len(names)}",
+                            "serve one model per app with remote inference (--conf models NAME)")
     return value
 
 
@@ -150,6 +181,7 @@ def load_config(app_dir: str, conf: dict[str, str]) -> AppConfig:
         retrain_on_label=_flag(conf, "retrain_on_label"),
         device=conf.get("device", "auto"),
         dicomweb_filter=_json_conf(conf, "dicomweb_filter"),
+        inference=_inference(conf, names),
     )
     start = Path(conf["checkpoint"]) if conf.get("checkpoint") else None
     if start is not None and not start.is_file():
@@ -166,7 +198,10 @@ def load_config(app_dir: str, conf: dict[str, str]) -> AppConfig:
         task = _task_from(conf, card or start_card)
         pre = (card or {}).get("preprocess", {})
         size = int(conf.get("image_size") or pre.get("image_size") or 64)
-        cfg.models[n] = ModelSlot(n, task, published, size, int(pre.get("spatial_dims", 2)))
+        served = None
+        if cfg.inference != "local":
+            served = PublishedModel(published.path, cfg.device, inference=cfg.inference)
+        cfg.models[n] = ModelSlot(n, task, published, size, int(pre.get("spatial_dims", 2)), served=served)
     tasks = {(s.task.type, tuple(s.task.classes)) for s in cfg.models.values()}
     if len(tasks) > 1:
         raise MedClassError(f"the models disagree on the classes: {sorted(tasks)}",

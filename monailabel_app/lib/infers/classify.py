@@ -10,7 +10,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.configs.classification import ModelSlot
-from medclass.errors import MedClassError
+from medclass.errors import InferenceUnavailable, MedClassError
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,10 @@ class ClassifyInfer(InferTask):
     The JSON result has ``label`` (class name, or names for multi-label),
     ``probabilities`` (class → probability), ``classes``, ``model`` and
     ``model_version``, and MONAI Label's classification format,
-    ``prediction``: ``[{"idx", "label", "score"}, ...]``, one entry per class. With ``{"heatmap": true}`` in the request parameters the
+    ``prediction``: ``[{"idx", "label", "score"}, ...]``, one entry per class.
+    With ``--conf inference triton://...`` the forward pass runs on that Triton server
+    (503 with a one-line reason while it is unreachable; 409 when its model's card
+    differs from the served checkpoint's); the heat map is still computed here. With ``{"heatmap": true}`` in the request parameters the
     result file is the Grad-CAM / attention heat map, in [0, 1], on the input's
     voxel grid (NRRD); without it there is no result file.
     """
@@ -44,13 +47,20 @@ class ClassifyInfer(InferTask):
 
     def __call__(self, request) -> tuple[str | None, dict[str, Any]]:
         try:
-            clf = self.slot.published.classifier()
+            clf = self.slot.served.classifier()  # local, or the card of a model Triton runs (--conf inference)
+            if clf.remote is not None and not clf.remote_checked:
+                clf.check_remote()  # a served model that is not this checkpoint: 409, before any image is read
+        except InferenceUnavailable as e:
+            # The server is down or unreachable: retry later (one line, no traceback).
+            raise HTTPException(status_code=503, detail=f"{self.slot.name}: {e}") from None
         except MedClassError as e:
             raise HTTPException(status_code=409, detail=f"{self.slot.name}: {e.message}. {e.remedy}") from None
         path = request["image"]
         try:
             image = clf.read(path)
             pred = clf.predict([image])[0]
+        except InferenceUnavailable as e:
+            raise HTTPException(status_code=503, detail=f"{self.slot.name}: {e}") from None
         except MedClassError as e:
             raise HTTPException(status_code=422, detail=f"{e.message}. {e.remedy}") from None
         result = {"label": pred.label, "probabilities": pred.probabilities, "classes": list(clf.classes),
@@ -65,7 +75,8 @@ class ClassifyInfer(InferTask):
         from medclass.explain import explain, to_image_space
 
         try:
-            ex = explain(clf, image, request.get("class_name"))
+            # The heat map needs the model's gradients: always the local checkpoint.
+            ex = explain(self.slot.published.classifier(), image, request.get("class_name"))
         except MedClassError as e:
             raise HTTPException(status_code=422, detail=f"{e.message}. {e.remedy}") from None
         heat = to_image_space(ex.heatmap, image.array.shape[1:])
