@@ -79,7 +79,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, **trito
                 import onnx  # noqa: F401
             except ImportError:
                 raise MedClassError("ONNX export needs the onnx package",
-                                    "pip install 'slicer-medclass[export]'") from None
+                                    "from a clone of SlicerMedClass: pip install -e '.[export]' (or make install)") from None
             torch.onnx.export(wrapped, (x,), str(out), input_names=["image"], output_names=["probabilities"],
                               dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
                               opset_version=17, dynamo=False)
@@ -172,7 +172,7 @@ def parse_triton_config(text: str):
         from tritonclient.grpc import model_config_pb2
     except ImportError:
         raise MedClassError("checking a Triton configuration needs the Triton client",
-                            "pip install 'slicer-medclass[triton]'") from None
+                            "from a clone of SlicerMedClass: pip install -e '.[triton]' (or make install)") from None
     try:
         return text_format.Parse(text, model_config_pb2.ModelConfig())
     except text_format.ParseError as e:

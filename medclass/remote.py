@@ -156,7 +156,7 @@ class TritonModel:
             import tritonclient.grpc as grpcclient
         except ImportError:
             raise MedClassError("remote inference needs the Triton client",
-                                "pip install 'slicer-medclass[triton]'") from None
+                                "from a clone of SlicerMedClass: pip install -e '.[triton]' (or make install)") from None
         return grpcclient
 
     def _unavailable(self, e: Exception) -> InferenceUnavailable:

@@ -545,7 +545,7 @@ class TritonServer(PeerProcess):
         self.metrics_port = metrics_port or free_port()
         dist = tritonserver_dist()
         if dist is None:
-            raise PeerError("tritonserver is not installed (pip install 'slicer-medclass[triton]')")
+            raise PeerError("tritonserver is not installed (pip install -e '.[triton]' from the clone, or make install)")
         self.dist = dist
 
     @property
