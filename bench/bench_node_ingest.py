@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import write_result  # noqa: E402
 from peers import HOST, DcmtkStoreSCP, NodeProcess, PeerProcess, PynetdicomStoreSCP, dcmtk_env  # noqa: E402
 
-SERVERS = ("medclass-node", "medclass-node-1proc", "dcmtk-storescp", "pynetdicom-storescp")
+SERVERS = ("medclass-node", "medclass-node-noprep", "medclass-node-1proc", "dcmtk-storescp", "pynetdicom-storescp")
 OTHER_BENCHMARKS = r"bench_[A-Za-z0-9_]+\.py"  # any other benchmark script of bench/ (not these two)
 
 
@@ -121,6 +121,10 @@ class Server:
             self.data = root / "data"
             # medclass-node: the default number of ingest processes; medclass-node-1proc: one process.
             extra = ["--scp-processes", "1"] if kind == "medclass-node-1proc" else []
+            if kind == "medclass-node-noprep":  # without the pool preparing every instance as it arrives
+                root.mkdir(parents=True, exist_ok=True)
+                (root / "node.toml").write_text("preprocess_on_arrival = false\n")
+                extra = ["--config", str(root / "node.toml")]
             self.peer: PeerProcess = NodeProcess(root, ["--checkpoint", checkpoint, "--data-dir", str(self.data),
                                                         "--stable-seconds", "3600", "--device", "cpu",
                                                         "--ae-title", "STORESCP", "--classify-any-modality", *extra])
@@ -238,7 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
             "medclass-node": f"medclass node (subprocess) with its default {default_processes()} ingest processes "
                              "sharing the port: write, fsync, rename, fsync dir, SQLite synchronous=FULL "
                              "before success, folder fsyncs and commits shared by concurrent associations (group "
-                             "commit); stable_seconds 3600 (no classification during the run)",
+                             "commit); stable_seconds 3600 (no classification during the run); its pool "
+                             "(preprocess_on_arrival, dicom_node.prepare) decodes and preprocesses every instance "
+                             "as it arrives",
+            "medclass-node-noprep": "the same with preprocess_on_arrival = false (no pool)",
             "medclass-node-1proc": "the same with --scp-processes 1 (one process)",
             "dcmtk-storescp": "storescp --fork -od DIR (no fsync)",
             "pynetdicom-storescp": "python -m pynetdicom storescp -od DIR (no fsync)",

@@ -166,7 +166,8 @@ def node_series_section(runs: list[dict]) -> list[str]:
            f"`python bench/bench_node_series.py`: {r['what']}. Model: {r['model']} ({r['model_name']}); "
            f"stable_seconds {r['stable_seconds']}; Orthanc {r['orthanc']}.", "",
            "| node | series | stable -> SR stored p50 / p95 s | stable -> classified p95 s | "
-           "classified -> SR stored p95 s | images prepared (arrival / inline) | goal p95 <= 2 s |",
+           "classified -> SR stored p95 s | images prepared, arrival / inline (every series, the warm-up too) | "
+           "goal p95 <= 2 s |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for mode, m in r["results"].items():
         t, c, s = m["turnaround_seconds"], m["stable_to_classified_seconds"], m["classified_to_sr_stored_seconds"]
@@ -603,6 +604,7 @@ def semisup_section(runs: list[dict]) -> list[str]:
                 "more seeds, a longer schedule or a weaker initialisation were not measured.", ""]
     out += [f"Conditions: {r['conditions']}; {r['wall_seconds_this_call'] / 60:.0f} min for the last call of the "
             "bench. Measured: " + _machine(r["machine"]) + ".", ""]
+    return out
 
 
 def triton_section(runs: list[dict]) -> list[str]:
