@@ -39,14 +39,14 @@ from common import write_result  # noqa: E402
 from peers import HOST, Orthanc, free_port, orthanc_executable  # noqa: E402
 
 
-def send_series(port: int, template: pydicom.Dataset, n: int) -> tuple[str, float]:
+def send_series(port: int, template: pydicom.Dataset, n: int, called: str = "MEDCLASS") -> tuple[str, float]:
     """One study, one series of ``n`` instances in one association; its Study UID and the send time."""
     from pynetdicom import AE
 
     study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     ae = AE(ae_title="BENCHSCU")
     ae.add_requested_context(template.SOPClassUID, template.file_meta.TransferSyntaxUID)
-    assoc = ae.associate(HOST, port, ae_title="MEDCLASS")
+    assoc = ae.associate(HOST, port, ae_title=called)
     if not assoc.is_established:
         raise RuntimeError("the node refused the association")
     t0 = time.monotonic()

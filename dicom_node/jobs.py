@@ -389,7 +389,9 @@ class JobDatabase:
               sets: str = "", args: tuple = (), where: str = "", where_args: tuple = ()) -> bool:
         """``UPDATE`` one study from one of ``frm`` to ``to``, inside the caller's transaction.
 
-        Returns False when the study was reopened meanwhile (it is receiving); raises
+        Returns False when the study was reopened meanwhile: it is receiving, or, for a move
+        out of classifying, it is ready again (more instances came during the classification
+        and went quiet before it ended: the worker classifies it again, whole). Raises
         :class:`IllegalTransition` when it is in any other state ``frm`` does not hold.
         """
         frm = list(frm)
@@ -404,6 +406,8 @@ class JobDatabase:
         row = c.execute("SELECT state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
         current = StudyState(row["state"]) if row else None
         if current is StudyState.RECEIVING or current in frm:  # reopened, or the extra condition failed
+            return False
+        if current is StudyState.READY and StudyState.CLASSIFYING in frm:  # reopened and stable again
             return False
         raise IllegalTransition(current, to)
 
@@ -458,7 +462,8 @@ class JobDatabase:
         ``digest`` (:func:`sop_digest`) names the instances the result covers: the same set
         again is an unchanged resend (:meth:`finish_unchanged`). When the study was reopened
         meanwhile the reports and the queue are still recorded (they describe what was
-        classified) and the study stays receiving; its next result is a new revision.
+        classified) and the study stays receiving (or ready, when it went quiet again meanwhile); its
+        next result is a new revision.
         """
         now = time.time()
         with self.connect() as c:
