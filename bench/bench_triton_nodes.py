@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--studies", type=int, default=6, help="site 2's studies (half STAT, half routine)")
     ap.add_argument("--instances", type=int, default=16, help="CT instances per study")
-    ap.add_argument("--load-threads", type=int, default=4, help="other clients sending routine requests")
+    ap.add_argument("--load-threads", type=int, default=6, help="other clients sending routine requests")
+    ap.add_argument("--load-batch", type=int, default=32,
+                    help="images per load request (32 = the exported max_batch_size: requests queue, not merge)")
     ap.add_argument("--checkpoint")
     ap.add_argument("--smoke", action="store_true", help="check the script: no waiting, no result file")
     ap.add_argument("--max-wait-minutes", type=float, default=15)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             def load() -> None:  # another site's routine traffic, straight to Triton
                 clf = Classifier(ckpt, "cpu", inference=url)
-                x = torch.rand(8, *clf.preprocess(clf.read(get_testdata_file("CT_small.dcm"))).shape)
+                x = torch.rand(a.load_batch, *clf.preprocess(clf.read(get_testdata_file("CT_small.dcm"))).shape)
                 while not stop.is_set():
                     clf.forward(x, priority="routine")
                     load_requests[0] += 1
@@ -138,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tritonserver": meta.get("version"),
         "instances_per_study": a.instances,
         "load_threads": a.load_threads,
+        "load_batch": a.load_batch,
         "urgent_seconds": urgent,
         "routine_seconds": routine,
         "urgent_over_routine_p50": round(urgent["p50"] / routine["p50"], 3) if routine["p50"] else None,
