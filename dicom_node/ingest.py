@@ -39,7 +39,7 @@ log = logging.getLogger("dicom_node.ingest")
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: have the kernel kill this process when the node's process ends (even by ``kill -9``)."""
     if not sys.platform.startswith("linux"):
         return
@@ -77,7 +77,7 @@ class _Report:
 
 def _helper_main(config: NodeConfig, port: int, conn: Connection, log_level: int) -> None:
     """A helper process: the node's storage SCP on the shared port until told to stop."""
-    _die_with_parent()
+    die_with_parent()
     # Ctrl-C and a service manager's SIGTERM reach the whole process group: the node stops its helpers in order
     # (they finish the instances in hand), and the kernel ends them if the node itself dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -106,7 +106,14 @@ class PreparedCache:
 _MODELS: dict[str, Any] = {}
 
 
-def _init_process() -> None:
+def _init_process(node_pid: int) -> None:
+    from dicom_node.ingest import die_with_parent
+
+    # A kill -9 of the node takes its pool processes with it, as it takes the ingest processes; a node
+    # killed while this process was still starting (before the kernel was told) is noticed here.
+    die_with_parent()
+    if os.getppid() != node_pid:
+        os._exit(0)
     # One thread per pool process: the pool is sized in processes, and the worker's forward
     # passes need the cores too.
     torch.set_num_threads(1)
@@ -230,7 +237,7 @@ class ArrivalPreparer:
         if self._pool is None:
             # spawn, not fork: the node holds threads, SQLite connections and sockets a fork would copy.
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_process)
+                                             initializer=_init_process, initargs=(os.getpid(),))
             if checkpoints:
                 self._warming = [self._pool.submit(warm_up, list(checkpoints)) for _ in range(self.workers)]
 

@@ -23,8 +23,8 @@ from peers import (
 from peers import wait_for as wait_until
 from pydicom.data import get_testdata_file
 
-__all__ = ["HOST", "copy_study", "dcmtk_env", "free_port", "needs_dcmtk", "needs_orthanc", "storescu",
-           "study_state", "wait_until"]
+__all__ = ["HOST", "child_processes", "copy_study", "dcmtk_env", "free_port", "ingest_helpers", "needs_dcmtk",
+           "needs_orthanc", "pool_processes", "storescu", "study_state", "wait_until"]
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk is not installed")
 needs_orthanc = pytest.mark.skipif(orthanc_executable() is None, reason="Orthanc is not installed")
@@ -46,6 +46,22 @@ def storescu(port: int, paths, aet: str = "STORESCU", called: str = "MEDCLASS") 
         if result.returncode != 0:
             return result
     return result
+
+
+def child_processes(pid: int) -> dict[int, str]:
+    """The processes ``pid`` started, with their command lines."""
+    out = subprocess.run(["pgrep", "-a", "-P", str(pid)], capture_output=True, text=True).stdout
+    return {int(line.split(" ", 1)[0]): line.split(" ", 1)[1] for line in out.splitlines() if " " in line}
+
+
+def ingest_helpers(pid: int) -> list[int]:
+    """The node's ingest processes (``python -m dicom_node.ingest``), not its preparing pool."""
+    return [p for p, cmd in child_processes(pid).items() if "dicom_node.ingest" in cmd]
+
+
+def pool_processes(pid: int) -> list[int]:
+    """The node's preparing pool (dicom_node.prepare: multiprocessing's spawned processes)."""
+    return [p for p, cmd in child_processes(pid).items() if "multiprocessing" in cmd]
 
 
 def study_state(node, study_uid: str) -> str | None:

@@ -15,7 +15,7 @@ import pytest
 from dicom_node.cli import main as node_main
 from medclass.cli import main as medclass_main
 
-from .conftest import HOST, free_port, wait_until
+from .conftest import HOST, child_processes, free_port, ingest_helpers, pool_processes, wait_until
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -23,14 +23,20 @@ def test_ctrl_c_and_sigterm_stop_the_node_cleanly(sig, node_process, checkpoint,
     port = free_port()
     node = node_process(["--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "data"), "--device", "cpu",
                          "--scp-processes", "2"], port).start()
-    helpers = subprocess.run(["pgrep", "-P", str(node.proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(helpers) == 1
+    assert len(ingest_helpers(node.proc.pid)) == 1
+    # The preparing pool (preprocess_on_arrival, on by default) is started with the node.
+    wait_until(lambda: pool_processes(node.proc.pid), 60, what="the node's preparing pool")
+    helpers = list(child_processes(node.proc.pid))
     os.kill(node.proc.pid, sig)
     assert node.proc.wait(30) == 0
     log = node.log_path.read_text()
     assert "Traceback" not in log
     assert f"medclass node MEDCLASS on port {port}" in log and "stopped" in log
-    assert all(not os.path.exists(f"/proc/{pid}") for pid in helpers)  # stopped by the node, not orphaned
+    # Stopped with the node, not orphaned. multiprocessing's resource tracker (of the preparing pool) ends
+    # when it sees the node's end of its pipe close, just after the node; a zombie holds nothing (in a
+    # container nobody may reap it).
+    wait_until(lambda: all(not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+                           for pid in helpers), 30, what="the node's processes to end")
     with socket.socket() as s:  # the port is free again
         s.bind((HOST, port))
 

@@ -23,7 +23,16 @@ from dicom_node.fastpath import AVAILABLE
 from dicom_node.fastpath.reactor import EventAssociation
 from medclass.errors import MedClassError
 
-from .conftest import HOST, free_port, needs_dcmtk, storescu, wait_until
+from .conftest import (
+    HOST,
+    child_processes,
+    free_port,
+    ingest_helpers,
+    needs_dcmtk,
+    pool_processes,
+    storescu,
+    wait_until,
+)
 from .test_load import write_ct_instances
 
 
@@ -98,15 +107,17 @@ def test_kill_9_of_the_node_takes_its_helpers_and_frees_the_port(node_process, c
     args = ["--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "data"), "--stable-seconds", "3600",
             "--device", "cpu", "--scp-processes", "3"]
     node = node_process(args, port).start()
-    children = subprocess.run(["pgrep", "-P", str(node.proc.pid)], capture_output=True, text=True).stdout.split()
-    assert len(children) == 2
+    assert len(ingest_helpers(node.proc.pid)) == 2
+    # The preparing pool (preprocess_on_arrival, on by default) must end with the node too.
+    wait_until(lambda: pool_processes(node.proc.pid), 60, what="the node's preparing pool")
+    children = list(child_processes(node.proc.pid))
     node.kill9()
 
     def gone() -> bool:
         return all(not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
                    for pid in children)
 
-    wait_until(gone, 30, 0.1, "the helpers to end with the node")
+    wait_until(gone, 30, 0.1, "the helpers and the pool to end with the node")
     # Nothing listens any more, so a new node (any number of processes) gets every association.
     node = node_process([*args[:-1], "1"], port).start()
     assert echo(port) == 0
