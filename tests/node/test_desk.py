@@ -213,7 +213,28 @@ def _log_in(driver, base: str, who: dict) -> None:
     driver.get(base + "/login")
     driver.find_element(By.ID, "username").send_keys(who["name"])
     driver.find_element(By.ID, "password").send_keys(who["password"])
-    driver.find_element(By.ID, "login").click()
+    _click_and_wait(driver.find_element(By.ID, "login"))
+
+
+def _click_and_wait(element) -> None:
+    """Click a link or a form's button and wait for the page that answers.
+
+    Without the wait the test may read the URL or the elements of the page it just left (a fresh
+    clone's CI run did, on a busy machine).
+    """
+    element.click()
+    wait_until(lambda: _stale(element), 60, 0.05, "the page that answers the click")
+
+
+def _stale(element) -> bool:
+    """Whether ``element`` belongs to a page the browser has left."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    try:
+        element.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    return False
 
 
 def _rows(driver) -> list[str]:
@@ -282,8 +303,11 @@ def test_a_real_browser_logs_in_watches_studies_arrive_and_an_admin_resends(
     assert driver.execute_script("return window.notReloaded === true;")
 
     # Open it: the model, its probabilities, the refusal and its remedy.
+    # (The worklist replaces its rows at every poll, so the link's going stale is no sign of the study page.)
     driver.find_element(By.CSS_SELECTOR, "#worklist-rows a").click()
-    assert uid not in driver.current_url and re.fullmatch(re.escape(base) + r"/studies/\d+", driver.current_url)
+    wait_until(lambda: re.fullmatch(re.escape(base) + r"/studies/\d+", driver.current_url), 60, 0.05,
+               "the study page")
+    assert uid not in driver.current_url
     page = driver.find_element(By.TAG_NAME, "main").text
     assert uid in page and "0xA700" in page and "fix the cause" in page
     result = node.db.study(uid)
@@ -302,7 +326,7 @@ def test_a_real_browser_logs_in_watches_studies_arrive_and_an_admin_resends(
     pacs.stop()
     pacs.settings.pop("LuaScripts")
     pacs.start()
-    driver.find_element(By.CSS_SELECTOR, "#sends button.resend").click()
+    _click_and_wait(driver.find_element(By.CSS_SELECTOR, "#sends button.resend"))
     assert "queued to send again" in driver.find_element(By.ID, "message").text
     first = wait_until(lambda: pacs.datasets("SR"), 60, 0.5, "the SR in Orthanc after the resend")[0]
     assert first.StudyInstanceUID == uid
@@ -310,7 +334,7 @@ def test_a_real_browser_logs_in_watches_studies_arrive_and_an_admin_resends(
         By.ID, "audit").text
 
     # Reclassify: Orthanc gets a new report, which supersedes the first.
-    driver.find_element(By.ID, "reclassify").click()
+    _click_and_wait(driver.find_element(By.ID, "reclassify"))
     second = wait_until(lambda: [s for s in pacs.datasets("SR") if s.SOPInstanceUID != first.SOPInstanceUID], 60,
                         0.5, "the superseding SR")[0]
     assert read_classification_sr(second)["predecessors"] == [first.SOPInstanceUID]
