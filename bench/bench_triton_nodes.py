@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
         "instances_per_study": a.instances,
         "load_threads": a.load_threads,
         "load_batch": a.load_batch,
+        "urgent_studies": len(rows["urgent"]),
+        "routine_studies": len(rows["routine"]),
         "urgent_seconds": urgent,
         "routine_seconds": routine,
         "urgent_over_routine_p50": round(urgent["p50"] / routine["p50"], 3) if routine["p50"] else None,

@@ -433,6 +433,24 @@ def calibration_section(runs: list[dict]) -> list[str]:
     return out
 
 
+def triton_nodes_section(runs: list[dict]) -> list[str]:
+    if not runs:
+        return []
+    r = runs[-1]
+    u, t = r["urgent_seconds"], r["routine_seconds"]
+    return ["### Two nodes on one Triton: STAT against routine under load", "",
+            f"`python bench/bench_triton_nodes.py`: {r['what']}. Model: {r['model']}; tritonserver "
+            f"{r['tritonserver']}; load requests of {r['load_batch']} images.", "",
+            "| site 2's studies | n | stable -> classified p50 s | max s |", "| --- | --- | --- | --- |",
+            f"| STAT (Triton priority 1) | {r['urgent_studies']} | {u['p50']:.2f} | {u['max']:.2f} |",
+            f"| routine (priority 2) | {r['routine_studies']} | {t['p50']:.2f} | {t['max']:.2f} |", "",
+            f"Triton over the run: {r['triton_requests']:.0f} requests in {r['triton_executions']:.0f} executions "
+            f"(mean batch {r['mean_batch']}); the other clients sent {r['load_requests']} requests. With "
+            "so few studies the difference between STAT and routine is within the spread: this run does not show "
+            "the urgent study served first at the node level (the server-level test does: tests/test_triton.py).",
+            "", f"Conditions: {r['conditions']}. Measured: {_machine(r['machine'])}.", ""]
+
+
 def desk_section(runs: list[dict]) -> list[str]:
     if not runs:
         return []
@@ -675,6 +693,7 @@ def main() -> None:
     lines += node_batch_section(_load("node-batch.json"))
     lines += node_series_section(_load("node-series.json"))
     lines += triton_section(_load("triton.json"))
+    lines += triton_nodes_section(_load("triton-nodes.json"))
     lines += desk_section(_load("desk.json"))
     lines += al_section(_load("al-sim.json"))
     lines += calibration_section(_load("calibration*.json"))
