@@ -175,10 +175,13 @@ def run_finetune(a) -> None:
     control, from scratch, with the same recipe and seed; both are scored on the held-out split
     that HOG + SVM's 0.9976 was measured on.
     """
+    import os
+
     from medclass.pretrain import PretrainConfig, pretrain
     from medclass.training import TrainConfig, train
 
     torch.set_num_threads(a.threads)
+    load_before = os.getloadavg()
     enc_dir = WORK / "simclr-finetune"
     t0 = time.perf_counter()
     pre = pretrain(PretrainConfig(data=str(pool_manifest()), model=SSL_MODEL, model_args=dict(SSL_ARGS),
@@ -203,7 +206,10 @@ def run_finetune(a) -> None:
                                   "pretrain_epochs": pre.epochs, "pretrain_images_per_second": pre.images_per_second,
                                   "pretrain_seconds": round(pretrain_seconds, 1), "image_size": a.size,
                                   "max_minutes": a.max_minutes, "epochs_asked": a.ft_epochs, "threads": a.threads,
-                                  "runs": runs, "baseline": _classic_baseline()})
+                                  "runs": runs, "baseline": _classic_baseline(),
+                                  "load_average_before": [round(x, 2) for x in load_before],
+                                  "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                                  "conditions": a.conditions})
 
 
 def _classic_baseline() -> dict | None:
@@ -226,6 +232,8 @@ def main() -> None:
     p.add_argument("--inits", nargs="+", default=["scratch", "simclr", "imagenet"])
     p.add_argument("--strategies", nargs="+", default=["random", "margin", "typiclust+margin"])
     p.add_argument("--pretrain-minutes", type=float, default=8, help="finetune: SimCLR pretraining time")
+    p.add_argument("--conditions", default="no other benchmark of bench/ running",
+                   help="finetune: what else ran on the machine meanwhile (recorded with the figures)")
     p.add_argument("--size", type=int, default=64, help="finetune: image size of the fine-tune (at most 128)")
     p.add_argument("--ft-epochs", type=int, default=20, help="finetune: epochs at most (--max-minutes bounds them)")
     a = p.parse_args()

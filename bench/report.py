@@ -571,7 +571,8 @@ def ssl_section(probe: list[dict], pretrain: list[dict], features: list[dict]) -
                        f"{r['wall_seconds'] / 60:.1f} |")
         out += ["", f"- Goal (beat HOG + SVM, {base['auc']:.4f} at {base['image_size']} px, at ≤ 128 px within 30 min "
                 f"of training): {'met' if beat else 'not met'} ({sim['auc']:.4f}).",
-                f"Measured: {_machine(f['machine'])}.", ""]
+                f"Conditions: {f.get('conditions', '?')} (1-minute load {f['load_average_before'][0]} before, "
+                f"{f['load_average_after'][0]} after). Measured: {_machine(f['machine'])}.", ""]
     out += ["Not reached this round, said plainly:"]
     if not ft:
         out += ["- A deep model fine-tuned from the self-supervised init that beats HOG + SVM (0.9976) at ≤ 128 px "
