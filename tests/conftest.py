@@ -163,3 +163,22 @@ def label_server(tmp_path_factory, trained, br35h_dir) -> LabelServer:
                           base / "models", base / "server.log", truth)
     finally:
         stop_label_server(proc)
+
+
+@pytest.fixture(scope="session")
+def encoder(tmp_path_factory, br35h_dir) -> Path:
+    """An encoder from 1 epoch of SimCLR on 60 real Br35H images (cbam-resnet18 width 8, 32 px).
+
+    One for the session: the transfer and probe tests start from the same encoder.
+    """
+    import shutil
+
+    from medclass.pretrain import PretrainConfig, pretrain
+
+    root = tmp_path_factory.mktemp("unlabelled")
+    for p in sorted((br35h_dir / "yes").glob("*.jpg"))[:30] + sorted((br35h_dir / "no").glob("*.jpg"))[:30]:
+        shutil.copy(p, root / f"{p.parent.name}_{p.name}")
+    out = tmp_path_factory.mktemp("enc")
+    cfg = PretrainConfig(data=str(root), model="cbam-resnet18", model_args={"width": 8}, out=str(out), image_size=32,
+                         epochs=1, batch_size=30, progress=False, device="cpu")
+    return pretrain(cfg).encoder

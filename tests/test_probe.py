@@ -4,7 +4,6 @@ result, and publication only when the new head is no worse on held-out labels.""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +16,6 @@ from medclass.probe import embed, probe_start, refit_probe
 from medclass.tasks import Task
 
 TASK = Task("binary", ["normal", "tumour"])
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory, br35h_dir) -> Path:
-    """1 epoch of SimCLR on 60 real Br35H images (cbam-resnet18 width 8, 32 px)."""
-    from medclass.pretrain import PretrainConfig, pretrain
-
-    root = tmp_path_factory.mktemp("unlabelled")
-    for p in sorted((br35h_dir / "yes").glob("*.jpg"))[:30] + sorted((br35h_dir / "no").glob("*.jpg"))[:30]:
-        shutil.copy(p, root / f"{p.parent.name}_{p.name}")
-    out = tmp_path_factory.mktemp("enc")
-    cfg = PretrainConfig(data=str(root), model="cbam-resnet18", model_args={"width": 8}, out=str(out),
-                         image_size=32, epochs=1, batch_size=30, progress=False, device="cpu")
-    return pretrain(cfg).encoder
 
 
 def labelled(br35h_dir: Path, names: dict[str, str], start: int, n: int) -> list[tuple[str, Path, list[str]]]:

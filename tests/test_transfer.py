@@ -6,7 +6,6 @@ efficientnet-lite0."""
 from __future__ import annotations
 
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -20,20 +19,6 @@ from medclass.models import create_model
 from medclass.transfer import head_parameters, load_init
 
 ARGS = {"width": 8}
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory, br35h_dir) -> Path:
-    """An encoder from 1 epoch of SimCLR on 60 real Br35H images (cbam-resnet18 width 8, 32 px)."""
-    from medclass.pretrain import PretrainConfig, pretrain
-
-    root = tmp_path_factory.mktemp("unlabelled")
-    for p in sorted((br35h_dir / "yes").glob("*.jpg"))[:30] + sorted((br35h_dir / "no").glob("*.jpg"))[:30]:
-        shutil.copy(p, root / f"{p.parent.name}_{p.name}")
-    out = tmp_path_factory.mktemp("enc")
-    cfg = PretrainConfig(data=str(root), model="cbam-resnet18", model_args=ARGS, out=str(out), image_size=32,
-                         epochs=1, batch_size=30, progress=False, device="cpu")
-    return pretrain(cfg).encoder
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
