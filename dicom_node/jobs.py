@@ -42,7 +42,8 @@ may reopen a study at any moment): then the transition is dropped and the method
 
 Schema versions (``PRAGMA user_version``): 0 is the layout before this module (no
 ``interrupted``/``digest`` columns, no ``reports`` table, outbox ordered by a DIMSE
-priority number, ``failed`` for an outbox item that gave up). :meth:`JobDatabase.migrate`
+priority number, ``failed`` for an outbox item that gave up); 1 had no ``studies.asks_urgent``
+(the worker took studies strictly in stable order). :meth:`JobDatabase.migrate`
 brings an existing ``node.db`` to :data:`SCHEMA_VERSION` at open, in one transaction, so a
 node upgraded in place starts with its queue intact.
 """
@@ -59,7 +60,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 #: The layout :data:`SCHEMA` creates; older files are migrated to it at open.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -87,7 +88,8 @@ CREATE TABLE IF NOT EXISTS studies (
     classified REAL,
     stable REAL,
     interrupted INTEGER NOT NULL DEFAULT 0,
-    digest TEXT
+    digest TEXT,
+    asks_urgent INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS reports (
     sop_uid TEXT PRIMARY KEY,
@@ -143,6 +145,7 @@ _ADDED_COLUMNS = [
     ("studies", "digest", "TEXT"),
     ("outbox", "urgency", "TEXT NOT NULL DEFAULT 'routine'"),
     ("outbox", "first_failure", "REAL"),
+    ("studies", "asks_urgent", "INTEGER NOT NULL DEFAULT 0"),
 ]
 
 
@@ -301,20 +304,23 @@ class JobDatabase:
         """Commit instance rows and reopen their studies, in one transaction.
 
         ``rows`` are ``(sop_uid, study_uid, series_uid, sop_class, modality, path, size,
-        calling_ae)``. A second copy of a SOP Instance UID replaces the first. A study in any
+        calling_ae[, urgent])``. A second copy of a SOP Instance UID replaces the first. A study in any
         state goes back to ``receiving`` (new activity); an instance arriving after a restart
         clears the study's ``interrupted`` mark: the study went on after the restart, and the
-        quiet-time rule decides when it is complete, as for any study.
+        quiet-time rule decides when it is complete, as for any study. A study one of whose
+        instances came ``urgent`` (STAT/HIGH) stays urgent: :meth:`claim_ready` takes it first.
         """
         studies = list(dict.fromkeys(r[1] for r in rows))
+        urgent = {r[1] for r in rows if len(r) > 8 and r[8]}
         with self.connect() as c:
             c.executemany("INSERT OR REPLACE INTO instances (sop_uid, study_uid, series_uid, sop_class, modality, "
                           "path, size, calling_ae, received, skipped) VALUES (?,?,?,?,?,?,?,?,?,NULL)",
-                          [(*r, now) for r in rows])
-            c.executemany("INSERT INTO studies (study_uid, first_received, last_received, n_instances) "
-                          "VALUES (?,?,?,0) ON CONFLICT(study_uid) DO UPDATE SET "
-                          "last_received=excluded.last_received, state=?, interrupted=0",
-                          [(uid, now, now, StudyState.RECEIVING.value) for uid in studies])
+                          [(*r[:8], now) for r in rows])
+            c.executemany("INSERT INTO studies (study_uid, first_received, last_received, n_instances, asks_urgent) "
+                          "VALUES (?,?,?,0,?) ON CONFLICT(study_uid) DO UPDATE SET "
+                          "last_received=excluded.last_received, state=?, interrupted=0, "
+                          "asks_urgent=MAX(asks_urgent, excluded.asks_urgent)",
+                          [(uid, now, now, int(uid in urgent), StudyState.RECEIVING.value) for uid in studies])
             c.executemany("UPDATE studies SET n_instances=(SELECT COUNT(*) FROM instances WHERE study_uid=?) "
                           "WHERE study_uid=?", [(uid, uid) for uid in studies])
 
@@ -447,9 +453,14 @@ class JobDatabase:
         return requeued, interrupted
 
     def claim_ready(self) -> str | None:
-        """ready → classifying for the study stable longest; its UID, or ``None``."""
+        """ready → classifying for the next study; its UID, or ``None``.
+
+        Urgent studies (their request asked for STAT or HIGH priority, :meth:`record_instances`)
+        first, then the study stable longest: a STAT head CT does not wait behind a backlog of
+        routine studies.
+        """
         with self.connect() as c:
-            for r in c.execute("SELECT study_uid FROM studies WHERE state=? ORDER BY stable LIMIT 5",
+            for r in c.execute("SELECT study_uid FROM studies WHERE state=? ORDER BY asks_urgent DESC, stable LIMIT 5",
                                (StudyState.READY.value,)).fetchall():
                 if self._move(c, r["study_uid"], [StudyState.READY], StudyState.CLASSIFYING):
                     return r["study_uid"]

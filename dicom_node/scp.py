@@ -38,7 +38,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NodeConfig
 from dicom_node.fastpath import check_fast_path
-from dicom_node.fastpath.header import part10_header, scan_header
+from dicom_node.fastpath.header import header_asks_urgent, part10_header, scan_header
 from dicom_node.fastpath.reactor import EventRequestHandler, unbind_logging_handlers
 from dicom_node.spool import Spool
 from dicom_node.tls import server_context
@@ -69,11 +69,12 @@ def is_image_sop_class(uid: str) -> bool:
 
 
 _HEADER_TAGS = [Tag(t) for t in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality",
+                                    "RequestedProcedurePriority", "RequestAttributesSequence",
                                     "PixelData", "FloatPixelData", "DoubleFloatPixelData")]
 
 
 def read_header(raw: bytes, is_implicit_vr: bool, is_little_endian: bool) -> Dataset:
-    """The few elements the SCP needs (UIDs, modality, whether there is pixel data), pixel data not read.
+    """The few elements the SCP needs (UIDs, modality, priority, whether there is pixel data), pixel data not read.
 
     About half the cost of decoding every element (``event.dataset``).
     """
@@ -281,7 +282,7 @@ class StorageSCP:
             scanned = (scan_header(raw, ts.is_implicit_VR, ts.is_little_endian)
                        if self.fast and not ts.is_deflated else None)
             if scanned is not None:
-                study_uid, series_uid, own_sop_uid, modality, has_pixels = scanned
+                study_uid, series_uid, own_sop_uid, modality, has_pixels, urgent = scanned
             else:  # deflated, big endian, unusual or an empty UID: pydicom, which also says what is wrong
                 ds = event.dataset if ts.is_deflated else read_header(raw, ts.is_implicit_VR, ts.is_little_endian)
                 study_uid = str(ds.StudyInstanceUID or "").strip()
@@ -289,6 +290,9 @@ class StorageSCP:
                 own_sop_uid = str(ds.SOPInstanceUID or "").strip()
                 modality = str(ds.get("Modality", "") or "")
                 has_pixels = any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+                urgent = header_asks_urgent(ds)
+            # A C-STORE sent at HIGH priority counts too: another node forwards its urgent studies so.
+            urgent = urgent or event.request.Priority == 1
             sop_uid = str(event.request.AffectedSOPInstanceUID or own_sop_uid)
         except Exception as e:  # random bytes or a header without the UIDs a study needs
             reason = f"cannot parse the dataset or it lacks Study/Series/SOP Instance UID ({type(e).__name__}: {e})"
@@ -312,7 +316,7 @@ class StorageSCP:
                                 calling, "no_pixel_data", sop_uid, study_uid)
         try:
             self.spool.store(data, study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, sop_class=sop_class,
-                             modality=modality, calling_ae=calling)
+                             modality=modality, calling_ae=calling, urgent=urgent)
         except OSError as e:
             log.error("cannot store an instance from %s: %s; free disk space or fix permissions of %s", calling, e,
                       self.spool.spool_dir)

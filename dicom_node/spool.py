@@ -302,13 +302,14 @@ class Spool:
             p.unlink(missing_ok=True)
 
     def store(self, data: bytes | Sequence[bytes], *, study_uid: str, series_uid: str, sop_uid: str, sop_class: str | None,
-              modality: str | None, calling_ae: str | None) -> Path:
+              modality: str | None, calling_ae: str | None, urgent: bool = False) -> Path:
         """Persist one instance and record it; returns once both are durable.
 
         Safe to call from many threads at once: their folder fsyncs and database
         commits are done together (:class:`GroupCommitter`). A second copy of the
         same SOP Instance UID replaces the first (a PACS resending a study), and
-        counts as new activity for the study.
+        counts as new activity for the study. ``urgent`` (the request asked for STAT or HIGH
+        priority) makes the study one the worker takes before routine ones.
 
         Raises
         ------
@@ -321,7 +322,8 @@ class Spool:
         dirs = write_file(path, data, root=self.root, durable=self.committer.durable_dirs)
         size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else sum(len(b) for b in data)
         self.committer.submit(PendingInstance(
-            (sop_uid, study_uid, series_uid, sop_class, modality, str(path), size, calling_ae), study_uid, dirs,
+            (sop_uid, study_uid, series_uid, sop_class, modality, str(path), size, calling_ae, int(urgent)), study_uid,
+            dirs,
             (str(path.parent), str(path.parent.parent))))
         return path
 

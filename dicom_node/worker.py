@@ -43,6 +43,7 @@ from typing import Any
 import pydicom
 
 from dicom_node.config import NodeConfig
+from dicom_node.fastpath.header import header_asks_urgent
 from dicom_node.jobs import JobDatabase, Priority, sop_digest
 from dicom_node.metrics import NodeMetrics
 from dicom_node.prepare import PreparedCache
@@ -185,7 +186,7 @@ class InferenceWorker:
             return "skipped"
         results, outbox, reports = [], [], []
         revision = (study["revision"] if study else 0) + 1
-        urgent = any(_asks_urgent(ds) for ds in headers.values())
+        urgent = bool(study and study.get("asks_urgent")) or any(header_asks_urgent(ds) for ds in headers.values())
         for checkpoint, series_uids in plan.items():
             chosen = [i for i in instances if i["series_uid"] in series_uids and i["sop_uid"] in headers]
             priority = "urgent" if urgent else self.selector.priority_of(checkpoint)
@@ -316,18 +317,6 @@ def reference_dataset(inst: dict[str, Any], series_header: pydicom.Dataset) -> p
 #: The Image Pixel module's description attributes (not the pixels).
 PIXEL_DESCRIPTION = ("SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored",
                      "HighBit", "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames")
-
-#: Requested Procedure Priority (0040,1003) values that make a study urgent on a Triton server.
-URGENT_PRIORITIES = frozenset({"STAT", "HIGH"})
-
-
-def _asks_urgent(ds: pydicom.Dataset) -> bool:
-    """Whether the header asks for STAT/HIGH priority (Requested Procedure Priority, also in the
-    Request Attributes Sequence)."""
-    values = [ds.get("RequestedProcedurePriority", "")]
-    values += [item.get("RequestedProcedurePriority", "") for item in ds.get("RequestAttributesSequence", []) or []]
-    return any(str(v or "").strip().upper() in URGENT_PRIORITIES for v in values)
-
 
 def failure_reason(error: BaseException, study_uid: str) -> str:
     """One line for ``node status`` and the log: what failed, and what to do."""

@@ -48,6 +48,19 @@ def _instance(sop: str, study: str = "1.2.3") -> tuple:
     return (sop, study, "1.2.3.1", "1.2.840.10008.5.1.4.1.1.2", "CT", f"/spool/{sop}.dcm", 10, "SCU")
 
 
+def test_urgent_studies_are_claimed_before_a_routine_backlog(tmp_path):
+    """A study whose request asked for STAT/HIGH is taken before routine studies stable longer."""
+    db = JobDatabase(tmp_path / "node.db")
+    for k in range(3):
+        db.record_instances([_instance(f"1.2.{k}.1", f"1.2.{k}")], now=100.0 + k)  # routine backlog
+    db.record_instances([(*_instance("1.2.9.1", "1.2.9"), 1)], now=105.0)  # STAT, stable last
+    db.record_instances([_instance("1.2.9.2", "1.2.9")], now=106.0)  # a later routine instance: still urgent
+    stable = [db.mark_stable(cutoff=cutoff, now=200.0 + cutoff) for cutoff in (100.0, 101.0, 102.0, 106.0)]
+    assert stable == [["1.2.0"], ["1.2.1"], ["1.2.2"], ["1.2.9"]]
+    assert db.study("1.2.9")["asks_urgent"] == 1
+    assert [db.claim_ready() for _ in range(5)] == ["1.2.9", "1.2.0", "1.2.1", "1.2.2", None]
+
+
 def test_study_state_transitions_are_named_and_checked(tmp_path):
     with pytest.raises(IllegalTransition):
         StudyState.RECEIVING.check(StudyState.CLASSIFIED)
@@ -180,6 +193,51 @@ def _dciodvfy_errors(path) -> list[str]:
 
 @needs_dcmtk
 @needs_orthanc
+@pytest.mark.both_paths
+@needs_dcmtk
+def test_a_stat_study_is_classified_before_the_routine_backlog(node_factory, tmp_path):
+    """Three routine studies then one whose header asks for STAT, in one association: the node takes
+    the STAT study before the routine studies that became stable before it."""
+    node = node_factory(stable_seconds=3.0)
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    files, uids = [], []
+    for k in range(4):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        if k == 3:
+            item = pydicom.Dataset()
+            item.RequestedProcedureID, item.RequestedProcedurePriority = "RP1", "STAT"
+            ds.RequestAttributesSequence = [item]
+        ds.save_as(tmp_path / f"s{k}.dcm", enforce_file_format=True)
+        files.append(tmp_path / f"s{k}.dcm")
+        uids.append(str(ds.StudyInstanceUID))
+    assert src.StudyInstanceUID not in uids
+    assert storescu(node.port, files).returncode == 0
+    done = wait_until(lambda: all(study_state(node, u) == "classified" for u in uids) and
+                      [node.db.study(u) for u in uids], 120, what="four studies classified")
+    assert [s["asks_urgent"] for s in done] == [0, 0, 0, 1]
+    assert done[3]["stable"] >= max(s["stable"] for s in done[:3])  # stable last ...
+    assert done[3]["classified"] < max(s["classified"] for s in done[:3])  # ... yet not classified last
+
+
+def test_a_c_store_sent_at_high_priority_marks_its_study_urgent(node_factory):
+    """Another node forwards its urgent studies at DIMSE priority HIGH: this node takes them first too."""
+    node = node_factory(stable_seconds=30.0)
+    ae = AE(ae_title="TESTSCU")
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    uids = []
+    for priority in (1, 2, 0):  # HIGH, LOW, MEDIUM
+        ds.StudyInstanceUID = pydicom.uid.generate_uid()
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        assoc = ae.associate(HOST, node.port, ae_title="MEDCLASS")
+        assert assoc.is_established and assoc.send_c_store(ds, priority=priority).Status == 0
+        assoc.release()
+        uids.append(str(ds.StudyInstanceUID))
+    assert [node.db.study(u)["asks_urgent"] for u in uids] == [1, 0, 0]
+
+
 def test_unchanged_resend_gives_no_new_report_and_a_grown_study_supersedes_it(node_factory, orthanc_factory,
                                                                              ct_study, tmp_path):
     node_port = free_port()

@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 
-from dicom_node.fastpath.header import part10_header, scan_header
+from dicom_node.fastpath.header import header_asks_urgent, part10_header, scan_header
 from dicom_node.scp import file_meta_bytes, read_header
 
 
@@ -97,7 +97,8 @@ def test_scan_header_agrees_with_pydicom_on_every_real_file_it_reads():
             h = read_header(raw, ts.is_implicit_VR, ts.is_little_endian)
             expected = (str(h.StudyInstanceUID), str(h.SeriesInstanceUID), str(h.SOPInstanceUID),
                         str(h.get("Modality", "") or ""),
-                        any(t in h for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")))
+                        any(t in h for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")),
+                        header_asks_urgent(h))
         except Exception:
             expected = None
         if fast is not None:  # whatever the scan reads, it reads as pydicom does
@@ -107,6 +108,37 @@ def test_scan_header_agrees_with_pydicom_on_every_real_file_it_reads():
             # Only unusual data sets are left to pydicom: none of the ordinary modality images.
             assert not any(name in path for name in ("CT_small", "MR_small", "JPEG2000", "emri_small")), path
     assert scanned > 50
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+@pytest.mark.parametrize("where,value,urgent", [
+    (None, None, False), ("top", "STAT", True), ("top", "high ", True), ("top", "ROUTINE", False),
+    ("request", "STAT", True), ("request", "LOW", False), ("second_request", "HIGH", True),
+])
+def test_scan_header_reads_the_requested_priority_as_pydicom_does(syntax, where, value, urgent):
+    """STAT/HIGH in Requested Procedure Priority, at the top level or in any Request Attributes
+    Sequence item (defined or undefined length), makes the study urgent; the scan agrees with pydicom."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    if where == "top":
+        ds.RequestedProcedurePriority = value
+    elif where is not None:
+        items = [pydicom.Dataset(), pydicom.Dataset()]
+        items[0].RequestedProcedureID = "RP1"
+        items[0 if where == "request" else 1].RequestedProcedurePriority = value
+        items[1].ScheduledProcedureStepID = "SPS2"
+        ds.RequestAttributesSequence = items
+    for undefined in (False, True):
+        if where not in (None, "top"):
+            ds.RequestAttributesSequence.is_undefined_length = undefined
+            for item in ds.RequestAttributesSequence:
+                item.is_undefined_length_sequence_item = undefined
+        raw = encode(ds, syntax == ImplicitVRLittleEndian, True)
+        fast = scan_header(raw, syntax == ImplicitVRLittleEndian, True)
+        assert fast is not None and fast[5] is urgent
+        assert header_asks_urgent(read_header(raw, syntax == ImplicitVRLittleEndian, True)) is urgent
+        assert fast[:5] == scan_header(encode(pydicom.dcmread(get_testdata_file("CT_small.dcm")),
+                                              syntax == ImplicitVRLittleEndian, True), syntax == ImplicitVRLittleEndian,
+                                       True)[:5]
 
 
 @pytest.mark.parametrize("damage", ["random", "truncated_header", "truncated_pixels", "no_uid"])

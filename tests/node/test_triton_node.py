@@ -84,8 +84,8 @@ def test_triton_down_then_up_loses_nothing(node_factory, checkpoint, ct_study, t
 
 
 def test_urgent_header_and_route_priority():
+    from dicom_node.fastpath.header import header_asks_urgent as _asks_urgent
     from dicom_node.selector import SeriesSelector
-    from dicom_node.worker import _asks_urgent
 
     ds = pydicom.Dataset()
     assert not _asks_urgent(ds)
