@@ -8,7 +8,10 @@ routine requests (other sites), site 1 receives routine studies and site 2 recei
 alternately marked STAT (Requested Procedure Priority, which the node sends at Triton's high
 priority) and routine. For each of site 2's studies the node's own clock gives the time from
 the study becoming stable to its result committed (``classified - stable``): the urgent studies
-should wait less for the same work. Triton's own counters over the run show the batching
+should wait less for the same work. Then, in backlog rounds, site 2 receives a burst of
+routine studies and one STAT study sent last: the node takes ready STAT studies before routine
+ones (``studies.asks_urgent``), so the STAT study should be classified first or second (after the
+study already being classified), not last. Triton's own counters over the run show the batching
 (requests against model executions).
 
 Usage::
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--load-threads", type=int, default=6, help="other clients sending routine requests")
     ap.add_argument("--load-batch", type=int, default=32,
                     help="images per load request (32 = the exported max_batch_size: requests queue, not merge)")
+    ap.add_argument("--rounds", type=int, default=3, help="backlog rounds: a burst of routine studies, then STAT")
+    ap.add_argument("--burst", type=int, default=4, help="routine studies before the STAT one in each round")
     ap.add_argument("--checkpoint")
     ap.add_argument("--smoke", action="store_true", help="check the script: no waiting, no result file")
     ap.add_argument("--max-wait-minutes", type=float, default=15)
@@ -104,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
             threads = [threading.Thread(target=load, daemon=True) for _ in range(a.load_threads)]
             threads.append(threading.Thread(target=site1, daemon=True))
             rows = {"urgent": [], "routine": []}
+            backlog: dict[str, list] = {"stat_position": [], "stat_stable_rank": [], "stat_seconds": [],
+                                        "routine_seconds": []}
             try:
                 before = server.metrics()
                 for t in threads:
@@ -117,6 +124,23 @@ def main(argv: list[str] | None = None) -> dict:
                     if i:  # the first loads the model's card and warms the path
                         rows[kind].append(row["classified"] - row["stable"])
                         print(f"site 2, {kind} study: stable -> classified {rows[kind][-1]:.2f} s", flush=True)
+                # A backlog at site 2: a burst of routine studies, then one STAT study, sent back to back.
+                # Taken in stable order the STAT study would be classified last; the node takes it first.
+                for r in range(a.rounds):
+                    sent = [send_series(nodes[1].port, template, a.instances, called="SITE2")[0]
+                            for _ in range(a.burst)]
+                    sent.append(send_series(nodes[1].port, stat_template, a.instances, called="SITE2")[0])
+                    done = [wait_classified(nodes[1], u) for u in sent]
+                    order = sorted(range(len(done)), key=lambda k: done[k]["classified"])
+                    position = order.index(len(done) - 1) + 1
+                    backlog["stat_position"].append(position)
+                    backlog["stat_seconds"].append(done[-1]["classified"] - done[-1]["stable"])
+                    backlog["routine_seconds"] += [d["classified"] - d["stable"] for d in done[:-1]]
+                    backlog["stat_stable_rank"].append(
+                        sorted(range(len(done)), key=lambda k: done[k]["stable"]).index(len(done) - 1) + 1)
+                    print(f"backlog round {r + 1}: the STAT study became stable {backlog['stat_stable_rank'][-1]} "
+                          f"of {len(done)} and was classified {position} of {len(done)}, "
+                          f"{backlog['stat_seconds'][-1]:.2f} s after stable", flush=True)
                 after = server.metrics()
             finally:
                 stop.set()
@@ -135,7 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "triton-nodes",
         "what": f"two nodes (SITE1, SITE2, own spools) and {a.load_threads} other clients on one tritonserver; "
                 f"site 2's {a.instances}-instance CT studies alternately STAT and routine while site 1 and the "
-                "other clients keep Triton busy; stable -> classified by site 2's clock",
+                "other clients keep Triton busy; stable -> classified by site 2's clock. Then "
+                f"{a.rounds} backlog rounds at site 2: {a.burst} routine studies and one STAT study sent back to "
+                "back",
         "model": model_note,
         "tritonserver": meta.get("version"),
         "instances_per_study": a.instances,
@@ -146,6 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
         "urgent_seconds": urgent,
         "routine_seconds": routine,
         "urgent_over_routine_p50": round(urgent["p50"] / routine["p50"], 3) if routine["p50"] else None,
+        "backlog_rounds": a.rounds,
+        "backlog_burst": a.burst,
+        "backlog_stat_position": backlog["stat_position"],
+        "backlog_stat_stable_rank": backlog["stat_stable_rank"],
+        "backlog_stat_seconds": percentiles(backlog["stat_seconds"]),
+        "backlog_routine_seconds": percentiles(backlog["routine_seconds"]),
         "triton_requests": requests,
         "triton_executions": executions,
         "triton_inferences": inferences,
