@@ -9,7 +9,7 @@ alternately marked STAT (Requested Procedure Priority, which the node sends at T
 priority) and routine. For each of site 2's studies the node's own clock gives the time from
 the study becoming stable to its result committed (``classified - stable``): the urgent studies
 should wait less for the same work. Then, in backlog rounds, site 2 receives a burst of
-routine studies and one STAT study sent last: the node takes ready STAT studies before routine
+routine studies and one STAT study pushed at once (the STAT one started last): the node takes ready STAT studies before routine
 ones (``studies.asks_urgent``), so the STAT study should be classified first or second (after the
 study already being classified), not last. Triton's own counters over the run show the batching
 (requests against model executions).
@@ -24,6 +24,7 @@ Result: ``bench/results/triton-nodes.json``. CPU figures: client, nodes and serv
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import threading
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
     from medclass.inference import Classifier
 
     template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    stat_template = template.copy()
+    # A deep copy: pydicom's Dataset.copy() shares the element dict, so the routine template would say STAT
+    # too (the runs before this fix sent every study as STAT).
+    stat_template = copy.deepcopy(template)
     stat_template.RequestedProcedurePriority = "STAT"
     with tempfile.TemporaryDirectory(prefix="bench-triton-nodes-") as tmp:
         work = Path(tmp)
@@ -124,12 +127,22 @@ def main(argv: list[str] | None = None) -> dict:
                     if i:  # the first loads the model's card and warms the path
                         rows[kind].append(row["classified"] - row["stable"])
                         print(f"site 2, {kind} study: stable -> classified {rows[kind][-1]:.2f} s", flush=True)
-                # A backlog at site 2: a burst of routine studies, then one STAT study, sent back to back.
-                # Taken in stable order the STAT study would be classified last; the node takes it first.
+                # A backlog at site 2: a burst of routine studies pushed at once (one association each, as a
+                # PACS pushes a worklist), the STAT study started last. Taken in stable order the STAT study
+                # would be classified last or nearly; the node takes it as soon as it is stable.
                 for r in range(a.rounds):
-                    sent = [send_series(nodes[1].port, template, a.instances, called="SITE2")[0]
-                            for _ in range(a.burst)]
-                    sent.append(send_series(nodes[1].port, stat_template, a.instances, called="SITE2")[0])
+                    sent = [""] * (a.burst + 1)
+
+                    def push(k: int, sent: list[str] = sent) -> None:
+                        tpl = stat_template if k == a.burst else template
+                        sent[k] = send_series(nodes[1].port, tpl, a.instances, called="SITE2")[0]
+
+                    pushers = [threading.Thread(target=push, args=(k,)) for k in range(a.burst + 1)]
+                    for t in pushers:
+                        t.start()
+                        time.sleep(0.05)  # the STAT study starts last
+                    for t in pushers:
+                        t.join()
                     done = [wait_classified(nodes[1], u) for u in sent]
                     order = sorted(range(len(done)), key=lambda k: done[k]["classified"])
                     position = order.index(len(done) - 1) + 1
@@ -160,8 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         "what": f"two nodes (SITE1, SITE2, own spools) and {a.load_threads} other clients on one tritonserver; "
                 f"site 2's {a.instances}-instance CT studies alternately STAT and routine while site 1 and the "
                 "other clients keep Triton busy; stable -> classified by site 2's clock. Then "
-                f"{a.rounds} backlog rounds at site 2: {a.burst} routine studies and one STAT study sent back to "
-                "back",
+                f"{a.rounds} backlog rounds at site 2: {a.burst} routine studies and one STAT study pushed at once, "
+                "the STAT one started last",
         "model": model_note,
         "tritonserver": meta.get("version"),
         "instances_per_study": a.instances,

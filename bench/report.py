@@ -463,9 +463,9 @@ def triton_nodes_section(runs: list[dict]) -> list[str]:
                  for k, (rank, pos) in enumerate(zip(r["backlog_stat_stable_rank"], r["backlog_stat_position"]))]
         first = sum(p <= 2 for p in r["backlog_stat_position"])
         lines += [f"A backlog at site 2 ({r['backlog_rounds']} rounds: {r['backlog_burst']} routine studies, then "
-                  "one STAT study, sent back to back while site 1 and the other clients keep Triton busy). The node "
+                  "one STAT study pushed at once, the STAT one started last, while site 1 and the other clients keep Triton busy). The node "
                   "takes ready studies whose request asked for STAT/HIGH before routine ones "
-                  "(`studies.asks_urgent`); in stable order the STAT study would have been classified last:", "",
+                  "(`studies.asks_urgent`); taken in stable order, the STAT study would have come at its stable rank (the middle column):", "",
                   *rows, "",
                   f"The STAT study was classified first or second (behind at most the study already being "
                   f"classified) in {first} of {r['backlog_rounds']} rounds; stable -> classified p50 {bs['p50']:.2f} s "
