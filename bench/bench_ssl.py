@@ -57,18 +57,25 @@ def pool_manifest() -> Path:
 
 
 def run_pretrain(a) -> None:
+    import os
+
     from medclass.pretrain import PretrainConfig, pretrain
 
     torch.set_num_threads(a.threads)
     cfg = PretrainConfig(data=str(pool_manifest()), model=SSL_MODEL, model_args=dict(SSL_ARGS), out=str(ENCODER_DIR),
                          image_size=SSL_SIZE, epochs=a.epochs, batch_size=128, max_minutes=a.max_minutes,
                          progress=False)
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     res = pretrain(cfg)
     write_result("ssl-pretrain", {"model": SSL_MODEL, "model_args": SSL_ARGS, "image_size": SSL_SIZE,
                                   "images": res.images, "epochs": res.epochs, "epochs_asked": a.epochs,
                                   "images_per_second": res.images_per_second, "threads": a.threads,
-                                  "wall_seconds_this_call": time.perf_counter() - t0, "history": res.history})
+                                  "temperature": cfg.temperature, "batch_size": cfg.batch_size,
+                                  "wall_seconds_this_call": time.perf_counter() - t0,
+                                  "load_average_before": [round(x, 2) for x in load_before],
+                                  "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                                  "conditions": a.conditions, "history": res.history})
 
 
 def _embed(model: torch.nn.Module, x: torch.Tensor, batch: int = 128) -> np.ndarray:
