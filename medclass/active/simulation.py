@@ -63,7 +63,8 @@ class SimulationConfig:
         """Raise :class:`MedClassError` for settings that cannot run."""
         unknown = [s for s in self.strategies if not _known_strategy(s, cold_start_combos=self.init is not None)]
         if unknown:
-            extra = "; with --init also COLD+SCORE, e.g. typiclust+margin" if self.init else ""
+            extra = ("; with --init also COLD+SCORE or COLD@N+SCORE, e.g. typiclust+margin, typiclust@50+hybrid"
+                     if self.init else "")
             raise MedClassError(f"unknown strategy {', '.join(map(repr, unknown))}",
                                 f"use some of {', '.join(STRATEGIES)}{extra}")
         if self.hybrid_score not in SCORE_METHODS:
