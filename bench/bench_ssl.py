@@ -149,8 +149,10 @@ def run_probe(a) -> None:
     f = np.load(FEATURES)
     pool_y, test_y = f["pool_y"], f["test_y"]
     inits = [n for n in ("scratch", "simclr", "imagenet") if f"{n}_pool" in f and n in a.inits]
-    prev = RESULTS / "ssl-probe.json"
-    result: dict = {"inits": json.loads(prev.read_text())["inits"] if prev.is_file() else {}, "seeds": list(SEEDS)}
+    name_out = "ssl-probe" if a.per_round == 10 else f"ssl-probe-r{a.per_round}"
+    prev = RESULTS / f"{name_out}.json"
+    result: dict = {"inits": json.loads(prev.read_text())["inits"] if prev.is_file() else {}, "seeds": list(SEEDS),
+                    "initial": 10, "per_round": a.per_round, "budget": a.budget}
     for name in inits:
         P, T = f[f"{name}_pool"], f[f"{name}_test"]
         full = probe_auc(P, pool_y, T, test_y)
@@ -158,7 +160,7 @@ def run_probe(a) -> None:
         for seed in SEEDS:
             idx = np.random.default_rng(seed).permutation(len(P))[:100]
             probe100.append(probe_auc(P[idx], pool_y[idx], T, test_y))
-        sim_cfg = SimulationConfig(strategies=tuple(a.strategies), seeds=SEEDS, initial=10, per_round=10,
+        sim_cfg = SimulationConfig(strategies=tuple(a.strategies), seeds=SEEDS, initial=10, per_round=a.per_round,
                                    budget=a.budget, init=name)
         t0 = time.perf_counter()
         sim = simulate_embeddings(sim_cfg, P, pool_y, T, test_y)
@@ -170,7 +172,7 @@ def run_probe(a) -> None:
         print(name, json.dumps({"full": full, "probe100": entry["probe_100_random"]["mean"],
                                 "labels": {s: r["mean"] for s, r in sim["summary"]["strategies"].items()}}),
               flush=True)
-    write_result("ssl-probe", result)
+    write_result(name_out, result)
 
 
 def run_finetune(a) -> None:
@@ -236,6 +238,8 @@ def main() -> None:
     p.add_argument("--max-minutes", type=float, default=30)
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a CPU others are using too")
     p.add_argument("--budget", type=int, default=200)
+    p.add_argument("--per-round", type=int, default=10,
+                   help="probe: labels per round; other than 10 writes ssl-probe-rN.json, a finer-grained check")
     p.add_argument("--inits", nargs="+", default=["scratch", "simclr", "imagenet"])
     # typiclust@50+hybrid: the switch at 50 labels was chosen on a split of the pool (1,600 / 500),
     # never on the held-out test split; the same for every seed and initialisation.
