@@ -614,8 +614,12 @@ def ssl_section(probe: list[dict], pretrain: list[dict], features: list[dict]) -
                 f"{f['load_average_after'][0]} after). Measured: {_machine(f['machine'])}.", ""]
     out += ["Not reached this round, said plainly:"]
     if best and not (best[2] <= 105 and (best[3] or 9) <= 0.5):
+        b = _ci(list(res["inits"][best[0]]["al"]["strategies"][best[1]]["per_seed"].values()))
+        rnd = _ci(list(res["inits"][best[0]]["al"]["strategies"]["random"]["per_seed"].values()))
+        overlap = b["mean"] + b["half"] >= rnd["mean"] - rnd["half"]
         out += [f"- Half of random's labels: the best strategy ({best[1]} on {best[0]}) needs {best[3]:.2f}× "
-                "random's labels, and the per-seed intervals of the two overlap. TypiClust every round while "
+                f"random's labels, and the 95 % intervals of the two {'overlap' if overlap else 'do not overlap'}"
+                ". TypiClust every round while "
                 "few are labelled (`typiclust`, `typiclust@50+hybrid`) is the steadiest (narrowest interval) "
                 "but not the fewest labels on these features. ProbCover (ball radius from k-means purity with "
                 "one cluster per class) was tried on a split of the pool and picked worse than random there (its "
