@@ -175,6 +175,36 @@ def run_probe(a) -> None:
     write_result(name_out, result)
 
 
+def run_probe_checks(a) -> None:
+    """Is the probe itself the limit? C and an L2 normalisation before standardising, 100 random labels.
+
+    The embedding is the encoder's pooled output (``forward_features``), before SimCLR's
+    projection head, which is dropped with the pretraining state. Same draws of 100 pool
+    images per seed as the probe stage.
+    """
+    from medclass.active import probe_auc
+
+    f = np.load(FEATURES)
+    pool_y, test_y = f["pool_y"], f["test_y"]
+    out: dict = {"seeds": list(SEEDS), "labels": 100, "inits": {}}
+    for name in [n for n in ("simclr", "imagenet") if f"{n}_pool" in f and n in a.inits]:
+        P, T = f[f"{name}_pool"], f[f"{name}_test"]
+        rows = {}
+        for norm in ("standardise", "l2+standardise"):
+            PP, TT = (P, T) if norm == "standardise" else (
+                P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-12),
+                T / np.maximum(np.linalg.norm(T, axis=1, keepdims=True), 1e-12))
+            for c in (0.1, 1.0, 10.0):
+                vals = []
+                for seed in SEEDS:
+                    idx = np.random.default_rng(seed).permutation(len(P))[:100]
+                    vals.append(probe_auc(PP[idx], pool_y[idx], TT, test_y, c=c))
+                rows[f"{norm}, C={c:g}"] = _ci(vals)
+                print(name, norm, c, round(float(np.mean(vals)), 4), flush=True)
+        out["inits"][name] = rows
+    write_result("ssl-probe-checks", out)
+
+
 def run_finetune(a) -> None:
     """Issue 10's quality goal: fine-tune from a self-supervised encoder against the same schedule from scratch.
 
@@ -233,7 +263,7 @@ def _classic_baseline() -> dict | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["pretrain", "features", "probe", "finetune"])
+    p.add_argument("stage", choices=["pretrain", "features", "probe", "probe-checks", "finetune"])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-minutes", type=float, default=30)
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a CPU others are using too")
@@ -251,7 +281,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64, help="finetune: image size of the fine-tune (at most 128)")
     p.add_argument("--ft-epochs", type=int, default=20, help="finetune: epochs at most (--max-minutes bounds them)")
     a = p.parse_args()
-    {"pretrain": run_pretrain, "features": run_features, "probe": run_probe, "finetune": run_finetune}[a.stage](a)
+    {"pretrain": run_pretrain, "features": run_features, "probe": run_probe, "probe-checks": run_probe_checks,
+     "finetune": run_finetune}[a.stage](a)
     print("python bench/report.py puts the figures into BENCHMARKS.md")
     print(f"results in {RESULTS}")
 

@@ -492,6 +492,12 @@ SSL_INIT_NAMES = {"scratch": "scratch (random init, frozen)", "simclr": "self-su
                   "imagenet": "ImageNet (efficientnet-lite0)"}
 
 
+def _within(rows: dict) -> bool:
+    """Is the default probe's mean inside the best row's 95 % interval?"""
+    best = max(rows.values(), key=lambda r: r["mean"])
+    return rows["standardise, C=1"]["mean"] >= best["lo"]
+
+
 def ssl_section(probe: list[dict], pretrain: list[dict], features: list[dict]) -> list[str]:
     if not probe:
         return []
@@ -550,6 +556,23 @@ def ssl_section(probe: list[dict], pretrain: list[dict], features: list[dict]) -
                 labels = _ci(list(r["per_seed"].values())) if r["reached"] == r["seeds"] else {"mean": None}
                 out.append(f"| {SSL_INIT_NAMES.get(name, name)} | {strat} | {_fci(labels)} ({r['reached']}/"
                            f"{r['seeds']}) | {per_seed} | {ratio} |")
+        out.append("")
+    checks = _load("ssl-probe-checks.json")
+    if checks:
+        ch = checks[0]
+        names = list(ch["inits"])
+        out += [f"Is the probe the limit? (`bench_ssl.py probe-checks`): held-out AUC with {ch['labels']} random "
+                "labels (the probe stage's draws, 5 seeds) on the encoder's pooled output, before SimCLR's "
+                "projection head, for the head's L2 strength and an L2 normalisation before standardising. "
+                "The default (standardise, C = 1) is "
+                f"{'within' if all(_within(ch['inits'][n]) for n in names) else 'not within'} the 95 % interval "
+                "of the best setting for every initialisation.", "",
+                "| probe | " + " | ".join(SSL_INIT_NAMES.get(n, n) for n in names) + " |",
+                "| --- | " + " | ".join("---" for _ in names) + " |"]
+        for row in ch["inits"][names[0]]:
+            out.append(f"| {row} | " + " | ".join(_fci({"mean": ch["inits"][n][row]["mean"],
+                                                          "half": ch["inits"][n][row]["hi"] - ch["inits"][n][row]["mean"]},
+                                                         4) for n in names) + " |")
         out.append("")
     goals = []
     if best:
