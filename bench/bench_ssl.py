@@ -205,6 +205,51 @@ def run_probe_checks(a) -> None:
     write_result("ssl-probe-checks", out)
 
 
+def run_temperature(a) -> None:
+    """NT-Xent temperature: short SimCLR runs at each ``--temperatures`` value, probed with 100 labels.
+
+    Each run has its own folder; the probe stage's encoder is untouched. Same recipe as
+    ``pretrain`` but ``--epochs`` (short, so the comparison fits a session).
+    """
+    import os
+
+    from medclass.active import probe_auc
+    from medclass.data import load_dataset, materialize, split_samples
+    from medclass.models import create_model
+    from medclass.pretrain import PretrainConfig, pretrain
+    from medclass.training import TrainConfig
+    from medclass.transfer import load_init
+
+    torch.set_num_threads(a.threads)
+    ds = load_dataset("br35h")
+    splits = split_samples(ds, 0)
+    spec = TrainConfig(data="br35h", image_size=SSL_SIZE).preprocess_spec()
+    pool, test = materialize(ds, splits["train"], spec), materialize(ds, splits["test"], spec)
+    prev = RESULTS / "ssl-temperature.json"
+    runs = json.loads(prev.read_text())["runs"] if prev.is_file() else {}
+    for t in a.temperatures:
+        load_before = os.getloadavg()
+        enc_dir = WORK / f"simclr-t{t:g}-e{a.epochs}"
+        t0 = time.perf_counter()
+        res = pretrain(PretrainConfig(data=str(pool_manifest()), model=SSL_MODEL, model_args=dict(SSL_ARGS),
+                                      out=str(enc_dir), image_size=SSL_SIZE, epochs=a.epochs, batch_size=128,
+                                      temperature=t, max_minutes=a.max_minutes, progress=False))
+        m = create_model(SSL_MODEL, image_size=SSL_SIZE, **SSL_ARGS)
+        load_init(m, res.encoder)
+        P, T = _embed(m, pool.x), _embed(m, test.x)
+        py, ty = pool.y.numpy(), test.y.numpy()
+        vals = [probe_auc(P[idx], py[idx], T, ty) for idx in
+                (np.random.default_rng(seed).permutation(len(P))[:100] for seed in SEEDS)]
+        runs[f"{t:g}"] = {"temperature": t, "epochs": res.epochs, "loss_last": res.history[-1]["loss"],
+                          "images_per_second": res.images_per_second, "probe_100": _ci(vals),
+                          "full_auc": probe_auc(P, py, T, ty), "wall_seconds": round(time.perf_counter() - t0, 1),
+                          "load_average_before": [round(x, 2) for x in load_before],
+                          "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+        print(t, runs[f"{t:g}"]["probe_100"]["mean"], runs[f"{t:g}"]["full_auc"], flush=True)
+        write_result("ssl-temperature", {"model": SSL_MODEL, "model_args": SSL_ARGS, "image_size": SSL_SIZE,
+                                         "threads": a.threads, "runs": runs, "conditions": a.conditions})
+
+
 def run_finetune(a) -> None:
     """Issue 10's quality goal: fine-tune from a self-supervised encoder against the same schedule from scratch.
 
@@ -263,11 +308,13 @@ def _classic_baseline() -> dict | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["pretrain", "features", "probe", "probe-checks", "finetune"])
+    p.add_argument("stage", choices=["pretrain", "features", "probe", "probe-checks", "temperature", "finetune"])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-minutes", type=float, default=30)
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a CPU others are using too")
     p.add_argument("--budget", type=int, default=200)
+    p.add_argument("--temperatures", nargs="+", type=float, default=[0.1, 0.2, 0.5],
+                   help="temperature: NT-Xent temperatures to compare")
     p.add_argument("--per-round", type=int, default=10,
                    help="probe: labels per round; other than 10 writes ssl-probe-rN.json, a finer-grained check")
     p.add_argument("--inits", nargs="+", default=["scratch", "simclr", "imagenet"])
@@ -282,7 +329,7 @@ def main() -> None:
     p.add_argument("--ft-epochs", type=int, default=20, help="finetune: epochs at most (--max-minutes bounds them)")
     a = p.parse_args()
     {"pretrain": run_pretrain, "features": run_features, "probe": run_probe, "probe-checks": run_probe_checks,
-     "finetune": run_finetune}[a.stage](a)
+     "temperature": run_temperature, "finetune": run_finetune}[a.stage](a)
     print("python bench/report.py puts the figures into BENCHMARKS.md")
     print(f"results in {RESULTS}")
 

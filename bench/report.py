@@ -557,6 +557,20 @@ def ssl_section(probe: list[dict], pretrain: list[dict], features: list[dict]) -
                 out.append(f"| {SSL_INIT_NAMES.get(name, name)} | {strat} | {_fci(labels)} ({r['reached']}/"
                            f"{r['seeds']}) | {per_seed} | {ratio} |")
         out.append("")
+    temp = _load("ssl-temperature.json")
+    if temp:
+        tr = temp[0]
+        out += [f"NT-Xent temperature (`bench_ssl.py temperature`): short SimCLR runs of the same recipe "
+                f"({tr['model']} {tr['model_args']}, {tr['image_size']} px, {tr['threads']} threads), each probed "
+                "with 100 random labels (5 seeds) and with all labels; a short run ranks temperatures, it does not "
+                f"predict a long run's figure. Conditions: {tr.get('conditions', '?')}.", "",
+                "| temperature | epochs | last loss | images/s | AUC, 100 labels | AUC, all labels | 1-min load "
+                "before → after |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in sorted(tr["runs"].values(), key=lambda r: r["temperature"]):
+            out.append(f"| {r['temperature']:g} | {r['epochs']} | {r['loss_last']:.2f} | {r['images_per_second']:.0f} "
+                       f"| {_fci(_ci(r['probe_100']['values']), 4)} | {r['full_auc']:.4f} | "
+                       f"{r['load_average_before'][0]} → {r['load_average_after'][0]} |")
+        out.append("")
     checks = _load("ssl-probe-checks.json")
     if checks:
         ch = checks[0]
