@@ -57,18 +57,25 @@ def pool_manifest() -> Path:
 
 
 def run_pretrain(a) -> None:
+    import os
+
     from medclass.pretrain import PretrainConfig, pretrain
 
     torch.set_num_threads(a.threads)
     cfg = PretrainConfig(data=str(pool_manifest()), model=SSL_MODEL, model_args=dict(SSL_ARGS), out=str(ENCODER_DIR),
                          image_size=SSL_SIZE, epochs=a.epochs, batch_size=128, max_minutes=a.max_minutes,
                          progress=False)
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     res = pretrain(cfg)
     write_result("ssl-pretrain", {"model": SSL_MODEL, "model_args": SSL_ARGS, "image_size": SSL_SIZE,
                                   "images": res.images, "epochs": res.epochs, "epochs_asked": a.epochs,
                                   "images_per_second": res.images_per_second, "threads": a.threads,
-                                  "wall_seconds_this_call": time.perf_counter() - t0, "history": res.history})
+                                  "temperature": cfg.temperature, "batch_size": cfg.batch_size,
+                                  "wall_seconds_this_call": time.perf_counter() - t0,
+                                  "load_average_before": [round(x, 2) for x in load_before],
+                                  "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                                  "conditions": a.conditions, "history": res.history})
 
 
 def _embed(model: torch.nn.Module, x: torch.Tensor, batch: int = 128) -> np.ndarray:
@@ -142,8 +149,10 @@ def run_probe(a) -> None:
     f = np.load(FEATURES)
     pool_y, test_y = f["pool_y"], f["test_y"]
     inits = [n for n in ("scratch", "simclr", "imagenet") if f"{n}_pool" in f and n in a.inits]
-    prev = RESULTS / "ssl-probe.json"
-    result: dict = {"inits": json.loads(prev.read_text())["inits"] if prev.is_file() else {}, "seeds": list(SEEDS)}
+    name_out = "ssl-probe" if a.per_round == 10 else f"ssl-probe-r{a.per_round}"
+    prev = RESULTS / f"{name_out}.json"
+    result: dict = {"inits": json.loads(prev.read_text())["inits"] if prev.is_file() else {}, "seeds": list(SEEDS),
+                    "initial": 10, "per_round": a.per_round, "budget": a.budget}
     for name in inits:
         P, T = f[f"{name}_pool"], f[f"{name}_test"]
         full = probe_auc(P, pool_y, T, test_y)
@@ -151,7 +160,7 @@ def run_probe(a) -> None:
         for seed in SEEDS:
             idx = np.random.default_rng(seed).permutation(len(P))[:100]
             probe100.append(probe_auc(P[idx], pool_y[idx], T, test_y))
-        sim_cfg = SimulationConfig(strategies=tuple(a.strategies), seeds=SEEDS, initial=10, per_round=10,
+        sim_cfg = SimulationConfig(strategies=tuple(a.strategies), seeds=SEEDS, initial=10, per_round=a.per_round,
                                    budget=a.budget, init=name)
         t0 = time.perf_counter()
         sim = simulate_embeddings(sim_cfg, P, pool_y, T, test_y)
@@ -163,7 +172,82 @@ def run_probe(a) -> None:
         print(name, json.dumps({"full": full, "probe100": entry["probe_100_random"]["mean"],
                                 "labels": {s: r["mean"] for s, r in sim["summary"]["strategies"].items()}}),
               flush=True)
-    write_result("ssl-probe", result)
+    write_result(name_out, result)
+
+
+def run_probe_checks(a) -> None:
+    """Is the probe itself the limit? C and an L2 normalisation before standardising, 100 random labels.
+
+    The embedding is the encoder's pooled output (``forward_features``), before SimCLR's
+    projection head, which is dropped with the pretraining state. Same draws of 100 pool
+    images per seed as the probe stage.
+    """
+    from medclass.active import probe_auc
+
+    f = np.load(FEATURES)
+    pool_y, test_y = f["pool_y"], f["test_y"]
+    out: dict = {"seeds": list(SEEDS), "labels": 100, "inits": {}}
+    for name in [n for n in ("simclr", "imagenet") if f"{n}_pool" in f and n in a.inits]:
+        P, T = f[f"{name}_pool"], f[f"{name}_test"]
+        rows = {}
+        for norm in ("standardise", "l2+standardise"):
+            PP, TT = (P, T) if norm == "standardise" else (
+                P / np.maximum(np.linalg.norm(P, axis=1, keepdims=True), 1e-12),
+                T / np.maximum(np.linalg.norm(T, axis=1, keepdims=True), 1e-12))
+            for c in (0.1, 1.0, 10.0):
+                vals = []
+                for seed in SEEDS:
+                    idx = np.random.default_rng(seed).permutation(len(P))[:100]
+                    vals.append(probe_auc(PP[idx], pool_y[idx], TT, test_y, c=c))
+                rows[f"{norm}, C={c:g}"] = _ci(vals)
+                print(name, norm, c, round(float(np.mean(vals)), 4), flush=True)
+        out["inits"][name] = rows
+    write_result("ssl-probe-checks", out)
+
+
+def run_temperature(a) -> None:
+    """NT-Xent temperature: short SimCLR runs at each ``--temperatures`` value, probed with 100 labels.
+
+    Each run has its own folder; the probe stage's encoder is untouched. Same recipe as
+    ``pretrain`` but ``--epochs`` (short, so the comparison fits a session).
+    """
+    import os
+
+    from medclass.active import probe_auc
+    from medclass.data import load_dataset, materialize, split_samples
+    from medclass.models import create_model
+    from medclass.pretrain import PretrainConfig, pretrain
+    from medclass.training import TrainConfig
+    from medclass.transfer import load_init
+
+    torch.set_num_threads(a.threads)
+    ds = load_dataset("br35h")
+    splits = split_samples(ds, 0)
+    spec = TrainConfig(data="br35h", image_size=SSL_SIZE).preprocess_spec()
+    pool, test = materialize(ds, splits["train"], spec), materialize(ds, splits["test"], spec)
+    prev = RESULTS / "ssl-temperature.json"
+    runs = json.loads(prev.read_text())["runs"] if prev.is_file() else {}
+    for t in a.temperatures:
+        load_before = os.getloadavg()
+        enc_dir = WORK / f"simclr-t{t:g}-e{a.epochs}"
+        t0 = time.perf_counter()
+        res = pretrain(PretrainConfig(data=str(pool_manifest()), model=SSL_MODEL, model_args=dict(SSL_ARGS),
+                                      out=str(enc_dir), image_size=SSL_SIZE, epochs=a.epochs, batch_size=128,
+                                      temperature=t, max_minutes=a.max_minutes, progress=False))
+        m = create_model(SSL_MODEL, image_size=SSL_SIZE, **SSL_ARGS)
+        load_init(m, res.encoder)
+        P, T = _embed(m, pool.x), _embed(m, test.x)
+        py, ty = pool.y.numpy(), test.y.numpy()
+        vals = [probe_auc(P[idx], py[idx], T, ty) for idx in
+                (np.random.default_rng(seed).permutation(len(P))[:100] for seed in SEEDS)]
+        runs[f"{t:g}"] = {"temperature": t, "epochs": res.epochs, "loss_last": res.history[-1]["loss"],
+                          "images_per_second": res.images_per_second, "probe_100": _ci(vals),
+                          "full_auc": probe_auc(P, py, T, ty), "wall_seconds": round(time.perf_counter() - t0, 1),
+                          "load_average_before": [round(x, 2) for x in load_before],
+                          "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+        print(t, runs[f"{t:g}"]["probe_100"]["mean"], runs[f"{t:g}"]["full_auc"], flush=True)
+        write_result("ssl-temperature", {"model": SSL_MODEL, "model_args": SSL_ARGS, "image_size": SSL_SIZE,
+                                         "threads": a.threads, "runs": runs, "conditions": a.conditions})
 
 
 def run_finetune(a) -> None:
@@ -224,20 +308,28 @@ def _classic_baseline() -> dict | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["pretrain", "features", "probe", "finetune"])
+    p.add_argument("stage", choices=["pretrain", "features", "probe", "probe-checks", "temperature", "finetune"])
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-minutes", type=float, default=30)
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a CPU others are using too")
     p.add_argument("--budget", type=int, default=200)
+    p.add_argument("--temperatures", nargs="+", type=float, default=[0.1, 0.2, 0.5],
+                   help="temperature: NT-Xent temperatures to compare")
+    p.add_argument("--per-round", type=int, default=10,
+                   help="probe: labels per round; other than 10 writes ssl-probe-rN.json, a finer-grained check")
     p.add_argument("--inits", nargs="+", default=["scratch", "simclr", "imagenet"])
-    p.add_argument("--strategies", nargs="+", default=["random", "margin", "typiclust+margin"])
+    # typiclust@50+hybrid: the switch at 50 labels was chosen on a split of the pool (1,600 / 500),
+    # never on the held-out test split; the same for every seed and initialisation.
+    p.add_argument("--strategies", nargs="+",
+                   default=["random", "margin", "typiclust", "typiclust+margin", "typiclust@50+hybrid"])
     p.add_argument("--pretrain-minutes", type=float, default=8, help="finetune: SimCLR pretraining time")
     p.add_argument("--conditions", default="no other benchmark of bench/ running",
                    help="finetune: what else ran on the machine meanwhile (recorded with the figures)")
     p.add_argument("--size", type=int, default=64, help="finetune: image size of the fine-tune (at most 128)")
     p.add_argument("--ft-epochs", type=int, default=20, help="finetune: epochs at most (--max-minutes bounds them)")
     a = p.parse_args()
-    {"pretrain": run_pretrain, "features": run_features, "probe": run_probe, "finetune": run_finetune}[a.stage](a)
+    {"pretrain": run_pretrain, "features": run_features, "probe": run_probe, "probe-checks": run_probe_checks,
+     "temperature": run_temperature, "finetune": run_finetune}[a.stage](a)
     print("python bench/report.py puts the figures into BENCHMARKS.md")
     print(f"results in {RESULTS}")
 

@@ -464,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=_csv(int), help="comma-separated, e.g. 0,1,2")
     s.add_argument("--strategies", type=_csv(str), help="comma-separated, from random, entropy, margin, "
                    "least-confidence, bald, coreset, hybrid, typiclust; with --init also COLD+SCORE "
-                   "(e.g. typiclust+margin: the first images by typiclust, then margin)")
+                   "(e.g. typiclust+margin: the first images by typiclust, then margin) and COLD@N+SCORE "
+                   "(e.g. typiclust@50+hybrid: typiclust every round until 50 labels, then hybrid)")
     s.add_argument("--init", metavar="ENCODER", help="simulate on the frozen embeddings of this encoder "
                    "(medclass pretrain), model.pt or named init (with --model efficientnet-lite0: imagenet), "
                    "a logistic-regression head per round; defaults then: --initial 10 --per-round 10 "

@@ -511,3 +511,31 @@ def test_simulation_on_embeddings_with_a_cold_start():
     assert r["curves"]["typiclust+margin"]["0"][0]["auc"] == pytest.approx(1.0)
     with pytest.raises(MedClassError, match="unknown strategy"):
         SimulationConfig(strategies=("typiclust+margin",)).check()  # combos need --init
+
+
+# --------------------------------------------------------------------------- COLD@N+SCORE
+
+
+def test_cold_until_n_then_score_combos_parse_and_switch():
+    from medclass.active import SimulationConfig, parse_combo, simulate_embeddings
+
+    assert parse_combo("margin") == ("margin", None, None)
+    assert parse_combo("typiclust+margin") == ("typiclust", None, "margin")
+    assert parse_combo("typiclust@30+hybrid") == ("typiclust", 30, "hybrid")
+    with pytest.raises(MedClassError, match="number of labels"):
+        parse_combo("typiclust@x+margin")
+    cfg = SimulationConfig(strategies=("typiclust@8+bogus",), init="embeddings")
+    with pytest.raises(MedClassError, match="unknown strategy"):
+        cfg.check()
+    x, cluster = _blobs(8, 20)
+    y = cluster % 2
+    xt, ct = _blobs(8, 5, seed=0)
+    cfg = SimulationConfig(strategies=("typiclust", "typiclust@8+margin", "typiclust+margin"), seeds=(0,),
+                           initial=4, per_round=4, budget=16, init="embeddings")
+    cfg.check()
+    r = simulate_embeddings(cfg, x, y, xt, ct % 2)
+    pure, switched, once = (r["curves"][s]["0"] for s in cfg.strategies)
+    assert [p["labels"] for p in switched] == [4, 8, 12, 16]
+    # Until 8 labels the switched strategy picks as typiclust does (the same 8 images: the same AUC).
+    assert [p["auc"] for p in switched[:2]] == [p["auc"] for p in pure[:2]]
+    assert switched[0]["auc"] == once[0]["auc"]

@@ -141,3 +141,17 @@ def test_al_sim_on_an_encoders_embeddings(encoder, tmp_path, capsys):
     assert r["init"]["kind"] == "encoder" and r["model"] == "cbam-resnet18" and r["image_size"] == 32
     for s in ("random", "typiclust+margin"):
         assert [p["labels"] for p in r["curves"][s]["0"]] == [2, 4, 6]
+
+
+def test_al_sim_cold_until_n_then_score_on_real_images(encoder, tmp_path, capsys):
+    """``typiclust@4+hybrid`` on an encoder's embeddings of real Br35H images: TypiClust picks
+    until 4 labels (the same images, so the same AUC as plain typiclust), hybrid after."""
+    out = tmp_path / "al.json"
+    rc = main(["al-sim", "--data", "br35h", "--init", str(encoder), "--initial", "2", "--per-round", "2",
+               "--budget", "8", "--seeds", "0", "--strategies", "typiclust,typiclust@4+hybrid", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    r = json.loads(out.read_text())
+    pure, switched = r["curves"]["typiclust"]["0"], r["curves"]["typiclust@4+hybrid"]["0"]
+    assert [p["labels"] for p in switched] == [2, 4, 6, 8]
+    assert [p["auc"] for p in switched[:2]] == [p["auc"] for p in pure[:2]]
+    assert set(r["summary"]["strategies"]) == {"typiclust", "typiclust@4+hybrid"}

@@ -64,6 +64,7 @@ from medclass.active.simulation import (
     encode,
     fit_labelled,
     labels_to_reach,
+    parse_combo,
     probe_auc,
     probe_fit,
     probe_probabilities,
@@ -78,7 +79,7 @@ __all__ = [
     "COLD_START", "FALLBACK_DROPOUT", "HYBRID_FACTOR", "NEEDS_EMBEDDINGS", "NEEDS_SCORES", "SCORE_METHODS",
     "STRATEGIES", "STRATEGY_DESCRIPTIONS",
     "SimulationConfig", "bald", "embeddings", "encode", "fit_labelled", "k_center_greedy", "labels_to_reach",
-    "mc_dropout_probabilities", "probe_auc", "probe_fit", "probe_probabilities", "score_pool", "select",
+    "mc_dropout_probabilities", "parse_combo", "probe_auc", "probe_fit", "probe_probabilities", "score_pool", "select",
     "simulate", "simulate_embeddings", "simulate_with_init", "stratified_subset", "summarize", "typiclust",
     "uncertainty",
 ]

@@ -63,7 +63,8 @@ class SimulationConfig:
         """Raise :class:`MedClassError` for settings that cannot run."""
         unknown = [s for s in self.strategies if not _known_strategy(s, cold_start_combos=self.init is not None)]
         if unknown:
-            extra = "; with --init also COLD+SCORE, e.g. typiclust+margin" if self.init else ""
+            extra = ("; with --init also COLD+SCORE or COLD@N+SCORE, e.g. typiclust+margin, typiclust@50+hybrid"
+                     if self.init else "")
             raise MedClassError(f"unknown strategy {', '.join(map(repr, unknown))}",
                                 f"use some of {', '.join(STRATEGIES)}{extra}")
         if self.hybrid_score not in SCORE_METHODS:
@@ -78,8 +79,31 @@ class SimulationConfig:
 def _known_strategy(name: str, cold_start_combos: bool) -> bool:
     if name in STRATEGIES:
         return True
+    try:
+        first, until, then = parse_combo(name)
+    except MedClassError:
+        return False
+    return cold_start_combos and then is not None and first in COLD_START and then in STRATEGIES
+
+
+def parse_combo(name: str) -> tuple[str, int | None, str | None]:
+    """``COLD[@N]+SCORE`` as ``(COLD, N, SCORE)``; a plain strategy as ``(name, None, None)``.
+
+    ``typiclust+margin``: the cold-start strategy picks the first labelled set only.
+    ``typiclust@50+margin``: it picks every round until 50 images are labelled, the score
+    after that. Low budgets favour typical, diverse picks and higher ones uncertain picks
+    (Hacohen et al. 2022, "Active learning on a budget"), so the switch is a label count.
+    """
     first, plus, then = name.partition("+")
-    return cold_start_combos and bool(plus) and first in COLD_START and then in STRATEGIES
+    if not plus:
+        return name, None, None
+    cold, at, n = first.partition("@")
+    if not at:
+        return cold, None, then
+    if not n.isdigit() or int(n) <= 0:
+        raise MedClassError(f"strategy {name!r}: {n!r} after '@' is not a number of labels",
+                            "write COLD@N+SCORE, e.g. typiclust@50+margin")
+    return cold, int(n), then
 
 
 def stratified_subset(labels: np.ndarray, n: int, seed: int) -> list[int]:
@@ -317,7 +341,9 @@ def simulate_embeddings(cfg: SimulationConfig, pool_emb: np.ndarray, pool_y: np.
     The cheap path: embeddings are computed once (by a pretrained encoder), so a round
     costs a fit of a linear head. Strategies are those of :func:`select`, plus
     ``COLD+SCORE`` (e.g. ``typiclust+margin``): the first ``initial`` images by a
-    cold-start strategy, the rounds after by a score. A plain strategy picks the initial
+    cold-start strategy, the rounds after by a score; ``COLD@N+SCORE`` (e.g.
+    ``typiclust@50+margin``): the cold-start strategy every round until ``N`` images are
+    labelled, the score after that (:func:`parse_combo`). A plain strategy picks the initial
     images too (``random``: a seeded random set, not a stratified one, since a real
     annotator has no labels to stratify by; a score strategy starts from random ones).
 
@@ -376,7 +402,8 @@ def simulate_embeddings(cfg: SimulationConfig, pool_emb: np.ndarray, pool_y: np.
     for seed in cfg.seeds:
         full[str(seed)] = full_auc  # a convex fit: the same for every seed
         for strategy in cfg.strategies:
-            first, plus, then = strategy.partition("+")
+            first, until, then = parse_combo(strategy)
+            until = until or cfg.initial
             t0 = time.perf_counter()
             labelled = pick(first, None, [], cfg.initial, seed * 1000)
             model, auc = fit_and_auc(labelled)
@@ -385,8 +412,8 @@ def simulate_embeddings(cfg: SimulationConfig, pool_emb: np.ndarray, pool_y: np.
             while len(labelled) < cfg.budget:
                 rnd += 1
                 t0 = time.perf_counter()
-                picks = pick(then if plus else strategy, model, labelled,
-                             min(cfg.per_round, cfg.budget - len(labelled)), seed * 1000 + rnd)
+                now = strategy if then is None else first if len(labelled) < until else then
+                picks = pick(now, model, labelled, min(cfg.per_round, cfg.budget - len(labelled)), seed * 1000 + rnd)
                 select_s = time.perf_counter() - t0
                 if set(picks) & set(labelled) or len(set(picks)) != len(picks):
                     raise RuntimeError(f"{strategy} picked an image twice")  # a bug, not a user error
