@@ -484,19 +484,21 @@ def _add_encoded_references(sr: ClassificationSR, sources: Sequence[pydicom.Data
     before = b"".join(_encoding_as_item(i, charset) for i in items[:at[0]])
     after = b"".join(_encoding_as_item(i, charset) for i in items[at[0] + 1:])
 
-    def add(sources: Sequence[pydicom.Dataset]) -> None:
-        images = b"".join(_source_image(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in sources)
+    # Each source's UIDs, read once (attribute access on 500 datasets adds up).
+    uids = [(str(ds.SeriesInstanceUID), str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in sources]
+
+    def add(uids: list[tuple[str, str, str]]) -> None:
+        images = b"".join(_source_image(sop_class, sop) for _, sop_class, sop in uids)
         group[_CONTENT_SEQUENCE] = _raw(_CONTENT_SEQUENCE, before + images + after)
         series: dict[str, list[bytes]] = {}
         seen: set[str] = set()
-        for ds in sources:
-            uid = str(ds.SOPInstanceUID)
-            if uid not in seen:  # highdicom names an instance once in the evidence
-                seen.add(uid)
-                series.setdefault(str(ds.SeriesInstanceUID), []).append(_sop_reference(str(ds.SOPClassUID), uid))
+        for series_uid, sop_class, sop in uids:
+            if sop not in seen:  # highdicom names an instance once in the evidence
+                seen.add(sop)
+                series.setdefault(series_uid, []).append(_sop_reference(sop_class, sop))
         study.ReferencedSeriesSequence = [pydicom.Dataset() for _ in series]
-        for item, (uid, refs) in zip(study.ReferencedSeriesSequence, series.items()):
-            item.SeriesInstanceUID = uid
+        for item, (series_uid, refs) in zip(study.ReferencedSeriesSequence, series.items()):
+            item.SeriesInstanceUID = series_uid
             item[_REF_SOP_SEQUENCE] = _raw(_REF_SOP_SEQUENCE, b"".join(refs))
         _declare_encoding(sr)
 
@@ -504,10 +506,10 @@ def _add_encoded_references(sr: ClassificationSR, sources: Sequence[pydicom.Data
         return _encoding_as_item(group, charset) + _encoding_as_item(study, charset)
 
     expected = encoded()
-    add(sources[:1])
+    add(uids[:1])
     if encoded() != expected:
         return False
-    add(sources)
+    add(uids)
     sr._content = None  # ClassificationSR.content parses the whole tree when asked
     return True
 
