@@ -175,6 +175,15 @@ def node_series_section(runs: list[dict]) -> list[str]:
         out.append(f"| {mode} | {m['studies']} | {t['p50']:.2f} / {t['p95']:.2f} | {c['p95']:.2f} | {s['p95']:.2f} | "
                    f"{p['arrival']:.0f} / {p['inline']:.0f} | {'met' if m['met'] else 'not met'} |")
     out += ["", f"Goal: {r['goal']}."]
+    if r.get("model_only_seconds"):
+        m = float(np.median(r["model_only_seconds"]))
+        c = r["results"].get("prepared on arrival", {}).get("stable_to_classified_seconds")
+        out += ["", f"The model alone (its forward passes over {r['instances']} prepared images, the node's batch "
+                f"size, after the series, in the same process): median {m:.2f} s of {r['model_only_seconds']}"
+                + (f"; with the images prepared on arrival, stable -> classified took a median {c['p50']:.2f} s, "
+                   f"{c['p50'] - m:.2f} s more than the forward passes"
+                   + (" (so the goal cannot be met by the node's own work with this model on these cores)"
+                      if m > 2.0 else "") if c else "") + "."]
     if r.get("conditions"):
         out += ["", f"Conditions: {r['conditions']}."]
     out += ["", *_load_line(r), f"Measured: {_machine(r['machine'])}.", ""]
