@@ -46,7 +46,7 @@ from medclass.inference import forward_probabilities
 from medclass.io import read_dicom_dataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_node_ingest import small_checkpoint  # noqa: E402
+from bench_node_ingest import load_average, small_checkpoint  # noqa: E402
 from common import write_result  # noqa: E402
 
 
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--checkpoint", help="default: the quickstart model (resnet18, 64 px), or a small one trained here")
     ap.add_argument("--smoke", action="store_true", help="check the script: no result file")
     a = ap.parse_args(argv)
+    load_before = load_average()  # other work on the machine slows the forward passes most (2 torch threads)
     with tempfile.TemporaryDirectory(prefix="bench-node-batch-") as tmp:
         work = Path(tmp)
         checkpoint = a.checkpoint or small_checkpoint(work)
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
         "prepared_on_arrival_over_model": round(cached_rate / model_rate, 3),
         "model_only_images_per_second": round(model_rate, 1),
         "path_over_model": round(path_rate / model_rate, 3),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
     }
     print(f"{payload['device']}: batched path {path_rate:.1f} images/s ({payload['path_over_model']:.2f} of the "
           f"model's rate), prepared on arrival {cached_rate:.1f} images/s "

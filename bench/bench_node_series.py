@@ -23,6 +23,7 @@ Result: ``bench/results/node-series.json``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -63,6 +64,29 @@ def send_series(port: int, template: pydicom.Dataset, n: int, called: str = "MED
     finally:
         assoc.release()
     return study, time.monotonic() - t0
+
+
+def model_only_seconds(checkpoint: str, template: pydicom.Dataset, n: int, repeats: int = 3) -> list[float]:
+    """Seconds of the forward passes alone over ``n`` prepared images, as the node's worker runs them
+    (its batch size, on the CPU): the part of "stable -> classified" that is the model's."""
+    import torch
+
+    from dicom_node.config import NodeConfig
+    from medclass.inference import Classifier
+
+    clf = Classifier(checkpoint, "cpu")
+    with tempfile.TemporaryDirectory(prefix="bench-node-series-model-") as tmp:
+        path = Path(tmp) / "ct.dcm"
+        template.save_as(path, enforce_file_format=True)
+        tensor, _ = clf.prepare(path)
+    x = torch.stack([tensor] * n)  # the series' instances are copies of one image
+    clf.forward(x[:NodeConfig.batch_size], None, NodeConfig.batch_size)  # warm-up
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        clf.forward(x, None, NodeConfig.batch_size)
+        out.append(round(time.perf_counter() - t0, 3))
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,6 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
                       flush=True)
         finally:
             pacs.stop()
+        model_only = model_only_seconds(ckpt, template, a.instances)
+    print(f"model only: the forward passes over {a.instances} prepared images take "
+          f"{statistics.median(model_only):.2f} s (median of {model_only})", flush=True)
     payload = {
         "benchmark": "node-series",
         "what": f"one study of one {a.instances}-instance CT series (CT_small.dcm 128x128, own UIDs) sent in one "
@@ -145,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         "instances": a.instances,
         "stable_seconds": a.stable_seconds,
         "results": results,
+        "model_only_seconds": model_only,
         "orthanc": pacs.version,
         "goal": "p95 <= 2 s from stable to SR stored for a 500-instance CT series on 2 CPU cores",
         "load_average_before": load_before,

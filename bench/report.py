@@ -175,9 +175,19 @@ def node_series_section(runs: list[dict]) -> list[str]:
         out.append(f"| {mode} | {m['studies']} | {t['p50']:.2f} / {t['p95']:.2f} | {c['p95']:.2f} | {s['p95']:.2f} | "
                    f"{p['arrival']:.0f} / {p['inline']:.0f} | {'met' if m['met'] else 'not met'} |")
     out += ["", f"Goal: {r['goal']}."]
+    if r.get("model_only_seconds"):
+        m = float(np.median(r["model_only_seconds"]))
+        c = r["results"].get("prepared on arrival", {}).get("stable_to_classified_seconds")
+        out += ["", f"The model alone (its forward passes over {r['instances']} prepared images, the node's batch "
+                f"size, timed after the series in the same process): median {m:.2f} s of {r['model_only_seconds']}"
+                + (" — above the 2 s goal by itself, so the goal cannot be met with this model on these cores "
+                   "whatever the node's own work" if m > 2.0 else "")
+                + (f". With the images prepared on arrival, stable -> classified took a median {c['p50']:.2f} s; "
+                   "the difference from the model alone is the node's own work plus the spread of the forward "
+                   "passes between the series and the separate timing" if c else "") + "."]
     if r.get("conditions"):
         out += ["", f"Conditions: {r['conditions']}."]
-    out += ["", f"Measured: {_machine(r['machine'])}.", ""]
+    out += ["", *_load_line(r), f"Measured: {_machine(r['machine'])}.", ""]
     return out
 
 
@@ -274,7 +284,31 @@ def node_batch_section(runs: list[dict]) -> list[str]:
             + (f", and at {b['prepared_on_arrival_over_model']:.2f} with the images prepared as they arrived "
                f"(goal on CPU: 0.8, {'met' if b['prepared_on_arrival_over_model'] >= 0.8 else 'not met'})"
                if "prepared_on_arrival_over_model" in b else "") + ".", "",
+            *_node_batch_outside_model(b),
+            *_load_line(b),
             f"Measured: {_machine(b['machine'])}.", ""]
+
+
+def _node_batch_outside_model(b: dict) -> list[str]:
+    """What the cached path spends besides the forward passes: the difference of the medians."""
+    if "prepared_on_arrival_seconds" not in b:
+        return []
+    cached, model = float(np.median(b["prepared_on_arrival_seconds"])), float(np.median(b["model_only_seconds"]))
+    return [f"Medians per {b['images']} images: prepared on arrival {cached:.3f} s, model only {model:.3f} s; "
+            f"the {cached - model:.3f} s between them is the node's own work (the prepared tensors read, the "
+            "SR built and written durably, the outbox committed, the study's cache entries removed) and the "
+            "spread of the forward passes between runs.", ""]
+
+
+def _load_line(r: dict) -> list[str]:
+    """The load average the benchmark recorded (1, 5 and 15 minutes), before and after."""
+    lb, la = r.get("load_average_before"), r.get("load_average_after")
+    if not lb:
+        return []
+    cores = r["machine"].get("cores") or 2
+    note = (f" (above 1.5 on {cores} cores: other work shared the machine, the figures are upper bounds)"
+            if lb[0] > 1.5 or (la and la[0] > 1.5) else "")
+    return [f"Load average (1, 5, 15 min): {lb} before, {la} after{note}.", ""]
 
 
 def al_section(runs: list[dict]) -> list[str]:

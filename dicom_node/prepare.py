@@ -39,7 +39,12 @@ log = logging.getLogger("dicom_node.prepare")
 
 
 class PreparedCache:
-    """Prepared images on disk: ``ROOT/<fingerprint>/<study>/<sop>.npz``.
+    """Prepared images on disk: ``ROOT/<fingerprint>/<study>/<sop>.prepared``.
+
+    One file per image: a first line naming the format, a JSON line (``dtype``, ``shape`` and
+    the image's ``meta``), then the tensor's bytes as they are in memory. A stable 500-image
+    series reads 500 of them: as NumPy ``.npz`` archives (a zip of two ``.npy`` files each) that
+    was 0.2 s, a tenth of the series' time; these are an open and one read each.
 
     Parameters
     ----------
@@ -47,11 +52,15 @@ class PreparedCache:
         The cache folder (the node uses ``DATA_DIR/prepared``).
     """
 
+    #: The file name's ending, and the first line of every file (a format change changes both).
+    suffix = ".prepared"
+    magic = b"medclass prepared image 1\n"
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
     def path(self, fingerprint: str, study_uid: str, sop_uid: str) -> Path:
-        return self.root / fingerprint / safe_name(study_uid) / f"{safe_name(sop_uid)}.npz"
+        return self.root / fingerprint / safe_name(study_uid) / f"{safe_name(sop_uid)}{self.suffix}"
 
     def has(self, fingerprint: str, study_uid: str, sop_uid: str) -> bool:
         return self.path(fingerprint, study_uid, sop_uid).is_file()
@@ -61,16 +70,29 @@ class PreparedCache:
         path = self.path(fingerprint, study_uid, sop_uid)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        array = np.ascontiguousarray(tensor.numpy())
+        head = json.dumps({"dtype": array.dtype.str, "shape": list(array.shape), "meta": meta}, default=str)
         with open(tmp, "wb") as f:
-            np.savez(f, image=tensor.numpy(), meta=np.frombuffer(json.dumps(meta, default=str).encode(), np.uint8))
+            f.write(self.magic + head.encode() + b"\n")
+            f.write(array.tobytes())
         os.replace(tmp, path)  # no fsync: after a power cut the worker recomputes what is missing
 
     def load(self, fingerprint: str, study_uid: str, sop_uid: str) -> tuple[torch.Tensor, dict[str, Any]] | None:
         """The prepared image and its metadata, or ``None`` when absent or unreadable (then recompute it)."""
         path = self.path(fingerprint, study_uid, sop_uid)
         try:
-            with np.load(path) as z:
-                return torch.from_numpy(z["image"]), json.loads(z["meta"].tobytes().decode())
+            with open(path, "rb") as f:
+                data = bytearray(f.read())  # writable: torch takes the buffer as it is
+            if not data.startswith(self.magic):
+                raise ValueError("not a prepared image of this version")
+            end = data.index(b"\n", len(self.magic))
+            head = json.loads(data[len(self.magic):end])
+            dtype, shape = np.dtype(head["dtype"]), tuple(head["shape"])
+            if len(data) - end - 1 != dtype.itemsize * int(np.prod(shape)):
+                raise ValueError(f"{len(data) - end - 1} bytes of image where {shape} {dtype} needs "
+                                 f"{dtype.itemsize * int(np.prod(shape))}")
+            array = np.frombuffer(data, dtype, offset=end + 1).reshape(shape)
+            return torch.from_numpy(array), head["meta"]
         except FileNotFoundError:
             return None
         except Exception as e:  # a torn or foreign file: the spooled instance is the record, recompute

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import DataElement
+from pydicom.tag import BaseTag
 
 from dicom_node.config import NodeConfig
 from dicom_node.fastpath.header import header_asks_urgent
@@ -167,9 +169,12 @@ class InferenceWorker:
         # every header was a quarter of a 500-image series' time. A file that cannot be read is still found
         # and quarantined when its pixels are.
         by_reference = len(instances) > IMAGE_LIBRARY_MAX_IMAGES
+        references: dict[str, SeriesReferences] = {}
         for inst in instances:
             if by_reference and inst["series_uid"] in firsts:
-                headers[inst["sop_uid"]] = reference_dataset(inst, firsts[inst["series_uid"]])
+                if inst["series_uid"] not in references:
+                    references[inst["series_uid"]] = SeriesReferences(inst, firsts[inst["series_uid"]])
+                headers[inst["sop_uid"]] = references[inst["series_uid"]].dataset(inst)
                 continue
             try:
                 ds = pydicom.dcmread(inst["path"], stop_before_pixels=True)
@@ -294,24 +299,46 @@ class InferenceWorker:
         log.info("study %s skipped: %s", study_uid, reason)
 
 
-def reference_dataset(inst: dict[str, Any], series_header: pydicom.Dataset) -> pydicom.Dataset:
-    """What a report needs of one image it names by reference: its UIDs (from the job database), and
-    the patient and study attributes of its series' first header (evidence of one study agrees on them)."""
-    ds = pydicom.Dataset()
-    for keyword in TYPE2_PATIENT_AND_STUDY:
-        if keyword in series_header:
-            ds[keyword] = series_header[keyword]
-    ds.StudyInstanceUID = inst["study_uid"]
-    ds.SeriesInstanceUID = inst["series_uid"]
-    ds.SOPInstanceUID = inst["sop_uid"]
-    ds.SOPClassUID = inst["sop_class"] or series_header.SOPClassUID
-    ds.Modality = series_header.get("Modality", "")
-    # highdicom accepts a source image only with an Image Pixel description; only the references reach the
-    # report (no image library above IMAGE_LIBRARY_MAX_IMAGES), so the series' own description stands in.
-    for keyword in PIXEL_DESCRIPTION:
-        if keyword in series_header:
-            ds[keyword] = series_header[keyword]
-    return ds
+class SeriesReferences:
+    """What a report needs of the images of one series it names by reference only, made cheaply.
+
+    A reference holds the image's own UIDs (from the job database) and, shared with every
+    other reference of the series (the element objects, not copies), the Type 2 patient and
+    study attributes, the modality and the Image Pixel description of the series' first header:
+    highdicom takes a source image only with a pixel description, and reads patient and study
+    from the first source, which is a reference when the study's first image was skipped.
+    Setting them one by one on 500 datasets was a tenth of a 500-image series' time.
+
+    Parameters
+    ----------
+    inst : dict
+        An instance row of the series (its study and series UIDs are used).
+    series_header : pydicom.Dataset
+        The series' first header.
+    """
+
+    def __init__(self, inst: dict[str, Any], series_header: pydicom.Dataset) -> None:
+        shared = pydicom.Dataset()
+        for keyword in (*TYPE2_PATIENT_AND_STUDY, *PIXEL_DESCRIPTION):
+            if keyword in series_header:
+                shared[keyword] = series_header[keyword]
+        shared.StudyInstanceUID = inst["study_uid"]
+        shared.SeriesInstanceUID = inst["series_uid"]
+        shared.Modality = series_header.get("Modality", "")
+        self.sop_class = str(series_header.SOPClassUID)
+        shared.SOPClassUID = self.sop_class
+        self.elements = {elem.tag: elem for elem in shared}
+
+    def dataset(self, inst: dict[str, Any]) -> pydicom.Dataset:
+        """The reference of one instance of the series."""
+        elements = dict(self.elements)
+        elements[_SOP_INSTANCE_UID] = DataElement(_SOP_INSTANCE_UID, "UI", inst["sop_uid"])
+        if inst["sop_class"] and inst["sop_class"] != self.sop_class:
+            elements[_SOP_CLASS_UID] = DataElement(_SOP_CLASS_UID, "UI", inst["sop_class"])
+        return pydicom.Dataset(elements)
+
+
+_SOP_INSTANCE_UID, _SOP_CLASS_UID = BaseTag(0x00080018), BaseTag(0x00080016)
 
 
 #: The Image Pixel module's description attributes (not the pixels).

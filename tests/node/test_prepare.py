@@ -125,13 +125,16 @@ def test_lost_or_torn_cache_entries_are_prepared_again_from_the_spool(checkpoint
     def crash(cache, fp, instances):
         cache.path(fp, instances[0]["study_uid"], instances[0]["sop_uid"]).unlink()  # never written
         torn = cache.path(fp, instances[1]["study_uid"], instances[1]["sop_uid"])
-        torn.write_bytes(torn.read_bytes()[:100])  # cut short
+        torn.write_bytes(torn.read_bytes()[:100])  # cut short in its header
+        torn = cache.path(fp, instances[2]["study_uid"], instances[2]["sop_uid"])
+        torn.write_bytes(torn.read_bytes()[:-8])  # cut short in its pixels
 
     inline, _, _ = _classify(tmp_path / "inline", checkpoint, paths, prepare=False)
     cached, counts, worker = _classify(tmp_path / "cached", checkpoint, paths, prepare=True, damage=crash)
-    assert counts == {"arrival": 4, "inline": 2}
+    assert counts == {"arrival": 3, "inline": 3}
     assert cached["state"] == "classified" and cached["result"] == inline["result"]
-    assert not any(worker.cache.root.glob("*/*/*.npz"))  # the study's entries are gone once it is done
+    # The study's entries are gone once it is done.
+    assert not any(worker.cache.root.glob(f"*/*/*{PreparedCache.suffix}"))
 
 
 def test_a_file_the_pool_cannot_read_is_quarantined_with_its_reason(checkpoint, tmp_path):
@@ -163,7 +166,8 @@ def test_node_prepares_a_large_series_on_arrival_and_reports_every_image_by_refe
         assert storescu(node.port, paths).returncode == 0
         study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
         cache = node.worker.cache
-        wait_until(lambda: len(list(cache.root.glob("*/*/*.npz"))) == n, timeout=300, what="every image prepared")
+        wait_until(lambda: len(list(cache.root.glob(f"*/*/*{PreparedCache.suffix}"))) == n, timeout=300,
+                   what="every image prepared")
         node.assembler.stable_seconds = 0.5
         wait_until(lambda: node.db.state(study) == StudyState.CLASSIFIED, timeout=300)
         counts = {w: node.metrics.images_prepared.labels(w)._value.get() for w in ("arrival", "inline")}
