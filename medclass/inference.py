@@ -53,6 +53,15 @@ def autocast(device: torch.device, enabled: bool = True):
     return contextlib.nullcontext()
 
 
+def channels_last(model: torch.nn.Module) -> bool:
+    """Whether the model's first 4D weight is stored channels-last (NHWC), as
+    :func:`medclass.checkpoint.load_checkpoint` stores 2D models; its inputs should match."""
+    # A weight with one input channel or a 1x1 kernel is both layouts at once: look at one that is not.
+    w = next((p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1),
+             None)
+    return w is not None and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+
+
 def forward_logits(
     loaded: LoadedModel, x: torch.Tensor, extra: dict[str, torch.Tensor] | None = None, batch_size: int = 64
 ) -> torch.Tensor:
@@ -65,9 +74,12 @@ def forward_logits(
         return torch.from_numpy(np.log(np.clip(p, 1e-12, 1.0)))
     out = []
     model, dev = loaded.model, loaded.device
+    nhwc = x.dim() == 4 and channels_last(model)
     with torch.inference_mode(), autocast(dev):
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size].to(dev, non_blocking=True)
+            if nhwc:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             eb = {k: v[i : i + batch_size].to(dev) for k, v in (extra or {}).items()}
             out.append(model(xb, **eb).float().cpu())
     return torch.cat(out)
