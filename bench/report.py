@@ -880,7 +880,10 @@ def main() -> None:
                   "`bench/bench_speed.py` and `bench/bench_zoo.py` run unchanged on one (`--device auto`, bf16 "
                   "autocast, channels_last); `medclass train --compile` adds torch.compile; "
                   "`bench/bench_node_batch.py --device cuda` gives the node's batched path against the model "
-                  "alone.", ""]
+                  "alone. DICOM decoding on the GPU (`--dicom-decoder nvimgcodec`, node.toml `dicom_decoder`: "
+                  "nvImageCodec registered as a pydicom decoder plugin, the `gpu-decode` extra) exists and its "
+                  "CPU fallback and refusal are tested, but it has never run on a GPU here: no figure against "
+                  "pylibjpeg/GDCM yet.", ""]
     lines[at:at] = [""] + goals_summary()[:-1]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
     print("wrote BENCHMARKS.md")

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: off)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--inference", help="where the models run: local (default) or triton://HOST[:PORT]/MODEL")
+    p.add_argument("--dicom-decoder", choices=["pydicom", "nvimgcodec", "auto"],
+                   help="who decodes compressed pixel data: pydicom (default: pylibjpeg, GDCM), nvimgcodec (an "
+                   "NVIDIA GPU; pip install -e '.[gpu-decode]') or auto")
     p.add_argument("--scp-processes", type=int,
                    help="processes accepting associations on the port (default 0: one per CPU core, at most 4)")
     p.add_argument("--classify-any-modality", action="store_true", default=None,
@@ -118,7 +121,8 @@ def run_main(argv: list[str]) -> int:
                       return_to=a.return_to, stable_seconds=a.stable_seconds, data_dir=a.data_dir,
                       metrics_port=a.metrics_port, device=a.device,
                       scp_processes=a.scp_processes, classify_any_modality=a.classify_any_modality,
-                      fast_path=a.fast_path, web_port=a.web_port, web_bind=a.web_bind, inference=a.inference)
+                      fast_path=a.fast_path, web_port=a.web_port, web_bind=a.web_bind, inference=a.inference,
+                      dicom_decoder=a.dicom_decoder)
     if not cfg.checkpoint and not cfg.routes:
         raise MedClassError("no model to classify with", "pass --checkpoint model.pt or run 'medclass quickstart'")
     # Ctrl-C and SIGTERM (systemd, docker stop) only note the request; the main loop sees it and stops the

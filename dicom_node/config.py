@@ -20,6 +20,8 @@ A ``node.toml`` (every key optional)::
     preprocess_workers = 0                     # processes doing it; 0: half the cores, at most 4
     inference = "triton://gpu-box:8001/chest"  # where models run: "local" (default) or a Triton server
                                                # serving 'medclass export --format triton' of the checkpoint
+    dicom_decoder = "pydicom"                  # who decodes compressed pixel data: "pydicom" (pylibjpeg, GDCM),
+                                               # "nvimgcodec" (NVIDIA GPU; pip install -e '.[gpu-decode]') or "auto"
 
     [[allow]]                                  # no [[allow]]: any calling AE is accepted
     ae_title = "ORTHANC"
@@ -95,7 +97,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "retry_base_seconds": _NUMBER, "retry_max_seconds": _NUMBER, "allow": list, "routes": list, "forward": list,
     "tls": dict, "classify_any_modality": bool, "fast_path": bool, "coverage": _NUMBER, "web_port": int,
     "web_bind": str, "users": list, "dicomweb": list, "preprocess_on_arrival": bool, "preprocess_workers": int,
-    "inference": str,
+    "inference": str, "dicom_decoder": str,
 }
 _TYPE_WORDS = {k: {str: "a string", int: "an integer", _NUMBER: "a number", list: "a list of [[tables]]",
                    dict: "a [table]", bool: "true or false"}[v] for k, v in _TYPES.items()}
@@ -140,11 +142,17 @@ class NodeConfig:
     dicomweb: list[dict[str, Any]] = field(default_factory=list)
     #: Where the models run: "local", or "triton://HOST[:PORT]/MODEL" (a route may say otherwise).
     inference: str = "local"
+    #: Who decodes compressed pixel data (medclass.io.use_dicom_decoder): "pydicom", "nvimgcodec" or "auto".
+    dicom_decoder: str = "pydicom"
 
     def __post_init__(self) -> None:
         from dicom_node.selector import check_inference
+        from medclass.io import DICOM_DECODERS
 
         check_inference(self.inference, "inference")
+        if self.dicom_decoder not in DICOM_DECODERS:
+            raise MedClassError(f"dicom_decoder = {self.dicom_decoder!r} is not a decoder",
+                                f"write dicom_decoder = one of {', '.join(repr(d) for d in DICOM_DECODERS)}")
         if not 1 <= len(self.ae_title.strip()) <= 16:
             raise MedClassError(f"AE title {self.ae_title!r} must have 1 to 16 characters", "pass --ae-title MEDCLASS")
         if int(self.preprocess_workers) < 0:

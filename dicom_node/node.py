@@ -21,6 +21,7 @@ from dicom_node.tls import client_context
 from dicom_node.worker import InferenceWorker
 from medclass.checkpoint import read_card
 from medclass.errors import MedClassError
+from medclass.io import use_dicom_decoder
 
 log = logging.getLogger("dicom_node")
 
@@ -41,7 +42,8 @@ class DicomNode:
     def __init__(self, config: NodeConfig, poll_seconds: float = 0.2) -> None:
         self.config = config
         self.poll = poll_seconds
-        # Fail at start, not at the first study, when a model is missing.
+        # Fail at start, not at the first study, when a model is missing or the decoder asked for cannot run.
+        self.decoder = use_dicom_decoder(config.dicom_decoder)
         for ck in {config.checkpoint, *(r.get("checkpoint") for r in config.routes)} - {None}:
             read_card(ck)
         data = config.data_path
@@ -58,7 +60,8 @@ class DicomNode:
         if config.preprocess_on_arrival:
             self.preparer = ArrivalPreparer(self.db, SeriesSelector(config.routes, config.checkpoint,
                                                                     config.classify_any_modality),
-                                            self.worker.cache, config.preprocess_workers)
+                                            self.worker.cache, config.preprocess_workers,
+                                            decoder=self.decoder)
         # The node's own sends go over TLS as [tls] says (fails here, at start, when a file is unreadable).
         self.sender = OutboxSender(config, self.db, self.spool, self.metrics, ssl_context=client_context(config.tls))
         self._stop = threading.Event()

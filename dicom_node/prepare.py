@@ -128,7 +128,7 @@ class PreparedCache:
 _MODELS: dict[str, Any] = {}
 
 
-def _init_process(node_pid: int) -> None:
+def _init_process(node_pid: int, decoder: str = "pydicom") -> None:
     from dicom_node.ingest import die_with_parent
 
     # A kill -9 of the node takes its pool processes with it, as it takes the ingest processes; a node
@@ -139,6 +139,10 @@ def _init_process(node_pid: int) -> None:
     # One thread per pool process: the pool is sized in processes, and the worker's forward
     # passes need the cores too.
     torch.set_num_threads(1)
+    # A spawned process starts with pydicom's own decoders: the node's choice is made again here.
+    from medclass.io import use_dicom_decoder
+
+    use_dicom_decoder(decoder)
 
 
 def _model(checkpoint: str):
@@ -201,8 +205,9 @@ class ArrivalPreparer:
     """
 
     def __init__(self, db: JobDatabase, selector: SeriesSelector, cache: PreparedCache, workers: int = 0,
-                 chunk: int = 16) -> None:
+                 chunk: int = 16, decoder: str = "pydicom") -> None:
         self.db, self.selector, self.cache = db, selector, cache
+        self.decoder = decoder
         self.workers = workers or default_workers()
         self.chunk = chunk
         self.row = db.unfinished_instances_row()  # after a restart: what is still waiting, again
@@ -259,7 +264,7 @@ class ArrivalPreparer:
         if self._pool is None:
             # spawn, not fork: the node holds threads, SQLite connections and sockets a fork would copy.
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_process, initargs=(os.getpid(),))
+                                             initializer=_init_process, initargs=(os.getpid(), self.decoder))
             if checkpoints:
                 self._warming = [self._pool.submit(warm_up, list(checkpoints)) for _ in range(self.workers)]
 

@@ -119,6 +119,7 @@ def _cmd_evaluate(a) -> int:
     from medclass.metrics import format_metrics
 
     _need_model(a)
+    use_dicom_decoder(a.dicom_decoder)
     m = evaluate_checkpoint(a.checkpoint, a.data, a.out, a.split, a.device, a.bootstrap, a.inference)
     print(format_metrics(m))
     print(f"wrote {Path(a.out) / 'metrics.json'} and plots")
@@ -135,6 +136,13 @@ def _cmd_calibrate(a) -> int:
     return 0
 
 
+def use_dicom_decoder(name: str) -> None:
+    """--dicom-decoder: who decodes compressed DICOM pixel data in this process (medclass.io)."""
+    from medclass.io import use_dicom_decoder as use
+
+    use(name)
+
+
 def _need_model(a) -> None:
     """A checkpoint, a remote model, or both: refuse neither."""
     if not a.checkpoint and a.inference in (None, "local"):
@@ -146,6 +154,7 @@ def _cmd_predict(a) -> int:
     from medclass.inference import Classifier
 
     _need_model(a)
+    use_dicom_decoder(a.dicom_decoder)
     clf = Classifier(a.checkpoint, a.device, inference=a.inference)
     status = 0
     for p in a.paths:
@@ -263,6 +272,9 @@ def _inference_argument(s) -> None:
     s.add_argument("--inference", default="local", metavar="local|triton://HOST[:PORT]/MODEL",
                    help="where the model runs: here (default) or on a Triton Inference Server serving a "
                    "repository from 'medclass export --format triton'")
+    s.add_argument("--dicom-decoder", default="pydicom", choices=["pydicom", "nvimgcodec", "auto"],
+                   help="who decodes compressed DICOM pixel data: pydicom (default: pylibjpeg, GDCM), "
+                   "nvimgcodec (an NVIDIA GPU; pip install -e '.[gpu-decode]') or auto")
 
 
 def _csv(kind):

@@ -492,6 +492,57 @@ def _transfer_syntax(ds: pydicom.Dataset) -> dcm_uid.UID:
     return ts
 
 
+#: Who may decode compressed pixel data (:func:`use_dicom_decoder`).
+DICOM_DECODERS = ("pydicom", "nvimgcodec", "auto")
+
+
+def nvimgcodec_unavailable() -> str | None:
+    """Why nvImageCodec cannot decode DICOM pixel data in this process, or ``None`` when it can."""
+    from monai.data import nvimgcodec_pydicom_plugin as nv
+
+    if not nv.has_pydicom_plugin or getattr(nv.pydicom_plugin, "nvimgcodec", None) is None:
+        return "the nvidia-nvimgcodec-cu12 package is not installed"
+    if not nv.has_cp:
+        return "CuPy (cupy-cuda12x) is not installed"
+    return None if nv.is_nvimgcodec_available() else "no CUDA device is visible to this process"
+
+
+def use_dicom_decoder(name: str = "pydicom") -> str:
+    """Choose who decodes compressed DICOM pixel data in this process; returns the one in use.
+
+    Parameters
+    ----------
+    name : {"pydicom", "nvimgcodec", "auto"}
+        ``pydicom``: pydicom's own plugins (pylibjpeg, GDCM), the default. ``nvimgcodec``: NVIDIA
+        nvImageCodec on the GPU (JPEG 2000, HTJ2K, JPEG), registered as a pydicom decoder plugin
+        with MONAI's helper for nvImageCodec's own plugin, so every reader here (:func:`read_image`,
+        the node, the app) uses it without another code path; pydicom still decodes what it does
+        not take. ``auto``: nvImageCodec where it can run, else pydicom.
+
+    Raises
+    ------
+    MedClassError
+        An unknown name, or ``nvimgcodec`` asked for where it cannot run (with the reason).
+    """
+    from monai.data import nvimgcodec_pydicom_plugin as nv
+
+    if name not in DICOM_DECODERS:
+        raise MedClassError(f"unknown DICOM decoder {name!r}", f"use one of {', '.join(DICOM_DECODERS)}")
+    if name == "pydicom":
+        nv.unregister_as_decoder_plugin()
+        return "pydicom"
+    why = nvimgcodec_unavailable()
+    if why is None and nv.register_as_decoder_plugin():
+        log.info("DICOM pixel data: nvImageCodec on the GPU first, then pydicom's plugins")
+        return "nvimgcodec"
+    if name == "nvimgcodec":
+        raise MedClassError(f"the nvImageCodec DICOM decoder cannot run here: {why or 'its plugin did not register'}",
+                            "on a machine with an NVIDIA GPU run pip install -e '.[gpu-decode]', or use the "
+                            "default decoder (pydicom)")
+    log.info("DICOM pixel data: pydicom's plugins (nvImageCodec unavailable: %s)", why)
+    return "pydicom"
+
+
 def _decode_error(name: str, ts: dcm_uid.UID, e: Exception) -> MedClassError:
     # Plugin errors span lines (one per plugin tried); the message must be one line.
     e = " ".join(str(e).split())[:400]

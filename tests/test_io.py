@@ -464,3 +464,32 @@ def test_predict_gives_the_pixel_range_probabilities_for_unusable_voi(trained, t
         assert "error" not in rows[changed], key
         for name, p in rows[plain]["probabilities"].items():
             assert rows[changed]["probabilities"][name] == pytest.approx(p, abs=1e-6), key
+
+
+# ---------------------------------------------------------------------------------------------- decoders
+
+
+def test_the_dicom_decoder_is_chosen_with_a_reason_when_the_gpu_one_cannot_run():
+    """--dicom-decoder / dicom_decoder: pydicom by default; nvImageCodec only where it can run, else
+    one line saying why and what to install; 'auto' falls back to pydicom and decoding goes on."""
+    from medclass.io import nvimgcodec_unavailable, read_image, use_dicom_decoder
+
+    path = get_testdata_file("JPEG2000.dcm")
+    reference = read_image(path).array
+    assert use_dicom_decoder("pydicom") == "pydicom"
+    with pytest.raises(MedClassError, match="unknown DICOM decoder 'gpu'"):
+        use_dicom_decoder("gpu")
+    why = nvimgcodec_unavailable()
+    try:
+        if why is None:  # a GPU machine with the [gpu-decode] extra: the GPU decodes as pydicom's plugins do
+            assert use_dicom_decoder("nvimgcodec") == "nvimgcodec"
+            np.testing.assert_array_equal(read_image(path).array, reference)  # lossless JPEG 2000
+        else:
+            assert why.startswith(("the nvidia-nvimgcodec-cu12 package", "CuPy", "no CUDA device"))
+            with pytest.raises(MedClassError, match="nvImageCodec DICOM decoder cannot run here") as e:
+                use_dicom_decoder("nvimgcodec")
+            assert why in str(e.value) and "gpu-decode" in e.value.remedy
+            assert use_dicom_decoder("auto") == "pydicom"
+            np.testing.assert_array_equal(read_image(path).array, reference)
+    finally:
+        use_dicom_decoder("pydicom")

@@ -115,3 +115,20 @@ def test_dicomweb_mistakes(toml, fragments, tmp_path, capsys, monkeypatch):
     assert node_main(["--config", str(path)]) == 2
     assert_one_line(capsys, *fragments)
     assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
+def test_a_dicom_decoder_that_cannot_run_here_stops_the_node_at_start(checkpoint, tmp_path, capsys):
+    """dicom_decoder = "nvimgcodec" on a machine without a usable GPU: one line with the reason and the
+    remedy at start (not a slow fallback found at the first study); an unknown name likewise."""
+    from medclass.io import nvimgcodec_unavailable
+
+    toml = tmp_path / "node.toml"
+    toml.write_text(f'dicom_decoder = "gpu"\ncheckpoint = "{checkpoint}"\n')
+    assert node_main(["--config", str(toml), "--port", str(free_port())]) == 2
+    assert_one_line(capsys, "dicom_decoder = 'gpu' is not a decoder", "'nvimgcodec'")
+    why = nvimgcodec_unavailable()
+    if why is None:
+        pytest.skip("nvImageCodec can run on this machine: there is no mistake to make")
+    assert node_main(["--dicom-decoder", "nvimgcodec", "--checkpoint", str(checkpoint), "--port", str(free_port()),
+                      "--bind", HOST, "--data-dir", str(tmp_path / "data")]) == 2
+    assert_one_line(capsys, "nvImageCodec DICOM decoder cannot run here", why, "gpu-decode")
