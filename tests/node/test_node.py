@@ -99,6 +99,8 @@ def test_orthanc_pushes_a_mammogram_study_to_the_node(node_factory, orthanc_fact
     mg = pydicom.dcmread(mammogram_paths[0], stop_before_pixels=True)
     assert srs[0].StudyInstanceUID == mg.StudyInstanceUID
     assert srs[0].PatientID == mg.PatientID
+    # Orthanc holds the SR a moment before the node has its C-STORE answer and marks the item sent.
+    wait_until(lambda: node.db.query("SELECT state FROM outbox")[0]["state"] == "sent", 10, what="outbox marked sent")
 
     assert node_main(["status", "--data-dir", node.config.data_dir]) == 0
     out = capsys.readouterr().out
