@@ -45,7 +45,6 @@ from pydicom.dataelem import DataElement
 from pydicom.tag import BaseTag
 
 from dicom_node.config import NodeConfig
-from dicom_node.fastpath.header import header_asks_urgent
 from dicom_node.jobs import JobDatabase, Priority, sop_digest
 from dicom_node.metrics import NodeMetrics
 from dicom_node.prepare import PreparedCache
@@ -191,7 +190,8 @@ class InferenceWorker:
             return "skipped"
         results, outbox, reports = [], [], []
         revision = (study["revision"] if study else 0) + 1
-        urgent = bool(study and study.get("asks_urgent")) or any(header_asks_urgent(ds) for ds in headers.values())
+        # The ingest read STAT/HIGH from every instance's header (studies.asks_urgent): one source, not re-read here.
+        urgent = bool(study and study.get("asks_urgent"))
         for checkpoint, series_uids in plan.items():
             chosen = [i for i in instances if i["series_uid"] in series_uids and i["sop_uid"] in headers]
             priority = "urgent" if urgent else self.selector.priority_of(checkpoint)
