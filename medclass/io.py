@@ -524,13 +524,18 @@ def use_dicom_decoder(name: str = "pydicom") -> str:
     MedClassError
         An unknown name, or ``nvimgcodec`` asked for where it cannot run (with the reason).
     """
-    from monai.data import nvimgcodec_pydicom_plugin as nv
+    import sys
 
     if name not in DICOM_DECODERS:
         raise MedClassError(f"unknown DICOM decoder {name!r}", f"use one of {', '.join(DICOM_DECODERS)}")
     if name == "pydicom":
-        nv.unregister_as_decoder_plugin()
+        # Only a process that registered the plugin has MONAI's helper loaded: the default costs no import.
+        loaded = sys.modules.get("monai.data.nvimgcodec_pydicom_plugin")
+        if loaded is not None:
+            loaded.unregister_as_decoder_plugin()
         return "pydicom"
+    from monai.data import nvimgcodec_pydicom_plugin as nv
+
     why = nvimgcodec_unavailable()
     if why is None and nv.register_as_decoder_plugin():
         log.info("DICOM pixel data: nvImageCodec on the GPU first, then pydicom's plugins")
